@@ -1,0 +1,109 @@
+"""Building blocks shared by the vision tower and the text decoder.
+
+Written as small NNX modules rather than `nnx.Linear`/`nnx.RMSNorm` because parity with
+transformers depends on details those do not expose: RMSNorm normalises in float32 and
+casts back *before* the weight multiply, and attention soft-maxes in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Large negative instead of -inf: a fully masked query row (left padding) then gives a
+# uniform distribution rather than NaN, and its output is never used.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unsupported hidden_act {name!r}; known: {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel + bias, kernel [in, out] (the transpose of torch's weight)."""
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool, rngs: nnx.Rngs,
+               param_dtype: Any = jnp.float32, dtype: Any = jnp.float32):
+    init = nnx.initializers.normal(0.02)
+    self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, *, eps: float, param_dtype: Any = jnp.float32):
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    # transformers casts back to the input dtype before scaling; so do we (bf16 parity).
+    return self.scale[...].astype(dtype) * x32.astype(dtype)
+
+
+class GatedMLP(nnx.Module):
+  """SwiGLU: down(act(gate(x)) * up(x))."""
+
+  def __init__(self, dim: int, hidden: int, *, act: str, use_bias: bool, rngs: nnx.Rngs,
+               param_dtype: Any, dtype: Any):
+    kw = dict(use_bias=use_bias, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+    self.gate_proj = Linear(dim, hidden, **kw)
+    self.up_proj = Linear(dim, hidden, **kw)
+    self.down_proj = Linear(hidden, dim, **kw)
+    self.act = act
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x: [..., T, H, Dh]; cos, sin: [..., T, Dh] broadcast over heads."""
+  return x * cos[..., None, :] + rotate_half(x) * sin[..., None, :]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+              *, return_probs: bool = False) -> tuple[jax.Array, jax.Array | None]:
+  """Grouped-query scaled dot-product attention.
+
+  Args:
+    q: [B, T, H, Dh]; k, v: [B, S, K, Dh] with H a multiple of K.
+    mask: [B, T, S] (or broadcastable), True where query t may attend to key s.
+  Returns:
+    out [B, T, H, Dh] in q's dtype, and the probabilities [B, H, T, S] (float32) if asked.
+  """
+  b, t, h, dh = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores * (dh**-0.5)
+  scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+  out = out.reshape(b, t, h, dh)
+  return out, (probs.reshape(b, h, t, -1) if return_probs else None)

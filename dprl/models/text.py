@@ -1,0 +1,154 @@
+"""Qwen2 text decoder with multimodal rotary, scanned over layers, with an optional KV cache.
+
+Layers are stored stacked (a leading layer axis on every parameter) and run with
+`jax.lax.scan`, so compile time does not grow with depth; each step may be
+rematerialised with a policy from the config.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dprl.models import layers
+from dprl.models.config import TextConfig
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class KVCache(NamedTuple):
+  """Keys and values of every layer: k, v [L, B, S, K, Dh]."""
+
+  k: jax.Array
+  v: jax.Array
+
+  @classmethod
+  def zeros(cls, cfg: TextConfig, batch: int, length: int, dtype: Any) -> "KVCache":
+    shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any):
+    d, dh = cfg.hidden_size, cfg.head_dim
+    kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+    self.q_proj = layers.Linear(d, cfg.num_attention_heads * dh, use_bias=True, **kw)
+    self.k_proj = layers.Linear(d, cfg.num_key_value_heads * dh, use_bias=True, **kw)
+    self.v_proj = layers.Linear(d, cfg.num_key_value_heads * dh, use_bias=True, **kw)
+    self.o_proj = layers.Linear(cfg.num_attention_heads * dh, d, use_bias=False, **kw)
+    self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, dh
+
+  def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None, return_probs=False):
+    """x: [B, T, D]; cos, sin: [B, T, Dh]; mask: [B, T, S].
+
+    With a cache (k, v: [B, S, K, Dh]) the new keys/values are written at
+    `cache_index` and attention runs over all S slots; returns the updated (k, v).
+    """
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
+    if cache_kv is not None:
+      k_all = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], k.astype(cache_kv[0].dtype), cache_index, axis=1)
+      v_all = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v.astype(cache_kv[1].dtype), cache_index, axis=1)
+      new_cache = (k_all, v_all)
+      k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+    else:
+      new_cache = None
+    out, probs = layers.attention(q, k, v, mask, return_probs=return_probs)
+    return self.o_proj(out.reshape(b, t, -1)), new_cache, probs
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any):
+    self.input_layernorm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
+                                                   param_dtype=param_dtype)
+    self.self_attn = Attention(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+    self.mlp = layers.GatedMLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act,
+                               use_bias=False, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+
+  def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None, return_probs=False):
+    h, new_cache, probs = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv,
+                                         cache_index, return_probs)
+    x = x + h
+    return x + self.mlp(self.post_attention_layernorm(x)), new_cache, probs
+
+
+class TextDecoder(nnx.Module):
+
+  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype: Any = jnp.float32,
+               dtype: Any = jnp.float32, remat_policy: str = "none"):
+    self.cfg = cfg
+    self.dtype = dtype
+    if remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"unknown remat_policy {remat_policy!r}; known: {sorted(REMAT_POLICIES)}")
+    self.remat_policy = remat_policy
+    self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype,
+                                  dtype=dtype, embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+    @nnx.split_rngs(splits=cfg.num_hidden_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_layers(rngs):
+      return DecoderLayer(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+
+    self.layers = make_layers(rngs)
+    self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+
+  def run_layers(self, x, cos, sin, mask, cache: KVCache | None = None, cache_index=None,
+                 attention_layers: tuple[int, ...] = ()):
+    """Runs all decoder layers. x: [B, T, D] -> [B, T, D] (before the final norm).
+
+    Layers in `attention_layers` also return their attention probabilities [B, H, T, S];
+    the scan is split around them so no other layer materialises its probabilities.
+    """
+    layer_def, layer_state = nnx.split(self.layers)
+    policy = REMAT_POLICIES[self.remat_policy]
+
+    def step(h, xs, return_probs=False):
+      state, kv = xs
+      h, new_kv, probs = nnx.merge(layer_def, state)(h, cos, sin, mask, kv, cache_index, return_probs)
+      return h, new_kv, probs
+
+    def scan_step(h, xs):
+      h, new_kv, _ = step(h, xs)
+      return h, new_kv
+
+    if policy is not None:
+      scan_step = jax.checkpoint(scan_step, policy=policy, prevent_cse=False)
+
+    n = self.cfg.num_hidden_layers
+    cuts = sorted({i for i in attention_layers if 0 <= i < n})
+    if len(cuts) != len(set(attention_layers)):
+      raise ValueError(f"attention_layers {attention_layers} out of range for {n} layers")
+    probs_out, new_k, new_v = {}, [], []
+    start = 0
+    for stop in cuts + [n]:
+      sl = lambda a: a[start:stop]
+      kv = None if cache is None else (sl(cache.k), sl(cache.v))
+      if stop > start:
+        x, seg_kv = jax.lax.scan(scan_step, x, (jax.tree.map(sl, layer_state), kv))
+        if cache is not None:
+          new_k.append(seg_kv[0]), new_v.append(seg_kv[1])
+      if stop < n:
+        one = lambda a: a[stop]
+        kv1 = None if cache is None else (cache.k[stop], cache.v[stop])
+        x, kv1, probs_out[stop] = step(x, (jax.tree.map(one, layer_state), kv1), return_probs=True)
+        if cache is not None:
+          new_k.append(kv1[0][None]), new_v.append(kv1[1][None])
+      start = stop + 1
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(jnp.concatenate(new_k), jnp.concatenate(new_v))
+    return x, new_cache, probs_out
