@@ -31,7 +31,7 @@ TOKEN_PATTERN = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]")
 
 # Every token any task may write, checked against generated text by the tests.
 WORDS = frozenset(
-    "how many shapes are there what is the value image shows much taller than which bar "
+    "how many shapes are what is the value image shows much taller than which bar "
     "bars from left tallest sides has a color sky grass blood lemon snow "
     "red green blue yellow white circle circles square squares triangle triangles "
     "0 1 2 3 4 5 6 7 8 9 . , ? + -".split())
@@ -264,7 +264,7 @@ class _BarTask(Task):
     return image
 
   def caption(self, scene):
-    return "bars from left: " + ", ".join(f"{b['color']} {b['value']}"
+    return "bars from left are " + ", ".join(f"{b['color']} {b['value']}"
                                           for b in scene["bars"]) + "."
 
 
@@ -335,8 +335,8 @@ def language_prior_question(rng: np.random.Generator, answer_kind: str) -> tuple
   """A (question, answer) that the image is irrelevant to, with answers of `answer_kind`."""
   constants = _CONSTANT_QUESTIONS[answer_kind]
   if answer_kind == "number" and rng.random() < 0.5:
-    a = int(rng.integers(0, 10))
-    b = int(rng.integers(0, 10 - a))  # single-digit sum, inside the counting answer range
-    return f"what is {a}+{b}?", str(a + b)
+    total = int(rng.integers(1, 10))  # 1 to 9, the counting tasks' answer range
+    a = int(rng.integers(0, total + 1))
+    return f"what is {a}+{total - a}?", str(total)
   question, answer = constants[int(rng.integers(len(constants)))]
   return question, answer
