@@ -230,7 +230,7 @@ def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def load_hf_config(path: str) -> ModelConfig:
-  file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+  file = path if path.endswith(".json") else os.path.join(path, "config.json")
   if not os.path.exists(file):
     raise ConfigError(f"{file}: not found (expected a Hugging Face checkpoint folder with config.json)")
   try:

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -29,6 +29,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
   if int(np.prod(sizes)) != len(devices):
     raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {int(np.prod(sizes))} "
                      f"devices, but {len(devices)} are available")
+  # Auto axes: XLA's sharding propagation decides intermediate layouts (GSPMD); the
+  # partition rules pin parameters and batches only.
+  auto = (AxisType.Auto,) * len(AXES)
   if devices == list(jax.devices()):
-    return jax.make_mesh(tuple(sizes), AXES, devices=devices)
-  return Mesh(np.asarray(devices).reshape(sizes), AXES)
+    return jax.make_mesh(tuple(sizes), AXES, devices=devices, axis_types=auto)
+  return Mesh(np.asarray(devices).reshape(sizes), AXES, axis_types=auto)
