@@ -6,6 +6,8 @@ import io
 import json
 import logging
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 from PIL import Image
 
@@ -194,3 +196,27 @@ def test_writer_rejects_non_json_metadata_naming_the_record(tmp_path):
   record = Record(id="r", question="q", answer="a", metadata={"x": object()})
   with pytest.raises(BadRecordError, match="record 'r': field 'metadata'"):
     readers.write_jsonl([record], tmp_path / "x.jsonl")
+
+
+_IMAGE_POOL = (_png("red"), _jpeg("blue"), _png("white", (56, 56)))
+_text = st.text(max_size=20)
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**53, 2**53) | _text
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
+    max_leaves=8)
+
+
+@hypothesis.settings(max_examples=40, deadline=None,
+                     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+@hypothesis.given(st.lists(st.builds(
+    Record, id=st.text(min_size=1, max_size=10), question=_text, answer=_text,
+    images=st.lists(st.sampled_from(_IMAGE_POOL), max_size=3).map(tuple),
+    choices=st.none() | st.lists(_text, max_size=3).map(tuple),
+    caption=st.none() | _text, text_question=st.none() | _text, source=_text,
+    level=st.none() | st.integers(-5, 2**40), pass_rate=st.none() | st.floats(0.0, 1.0),
+    metadata=st.dictionaries(_text, _json, max_size=3)),
+    max_size=4, unique_by=lambda r: r.id))
+def test_any_records_survive_the_jsonl_round_trip(tmp_path, records):
+  path = readers.write_jsonl(records, tmp_path / "any.jsonl")
+  assert readers.read_records(path, layout="dprl", strict=True) == records

@@ -8,6 +8,8 @@ import json
 import sys
 
 import grain
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
@@ -125,3 +127,27 @@ def test_building_and_reading_never_import_tensorflow(tmp_path):
   source = _build(tmp_path, {"train": _records()}).as_data_source()["train"]
   tb.record_from_example(source[0])
   assert "tensorflow" not in sys.modules
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.text(max_size=8)
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                  max_size=3),
+    max_leaves=8)
+_optional_text = st.none() | st.text(min_size=1, max_size=20)
+
+records_strategy = st.builds(
+    Record, id=st.text(min_size=1, max_size=10), question=st.text(max_size=30),
+    answer=st.text(max_size=10), images=st.lists(st.binary(max_size=16), max_size=3).map(tuple),
+    choices=st.none() | st.lists(st.text(max_size=5), min_size=1, max_size=4).map(tuple),
+    caption=_optional_text, text_question=_optional_text, source=st.text(max_size=10),
+    level=st.none() | st.integers(0, 2**40), pass_rate=st.none() | st.floats(0.0, 1.0),
+    metadata=st.dictionaries(st.text(max_size=5), _json, max_size=4))
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(records_strategy)
+def test_any_record_survives_serialisation_through_the_features(record):
+  serialized = tb.FEATURES.serialize_example(tb.example_from_record(record))
+  assert tb.record_from_example(tb.FEATURES.deserialize_example_np(serialized)) == record
