@@ -1,1 +1,5 @@
-"""dprl.sampling."""
+"""Jitted, sharded generation with a KV cache."""
+
+from dprl.sampling.sampler import SampleOutput, SamplingConfig, bucket, generate
+
+__all__ = ["SampleOutput", "SamplingConfig", "bucket", "generate"]

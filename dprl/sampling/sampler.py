@@ -1,0 +1,191 @@
+"""Jitted multimodal generation with a preallocated KV cache.
+
+One jit holds the whole generation: prefill (the vision tower runs once; each prompt is
+prefilled once and its cache broadcast to its G samples), then a `lax.while_loop` of
+single-token decode steps over the cache, which XLA updates in place. Prompt lengths
+and patch counts are bucketed to powers of two so new shapes, and recompiles, are rare.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dprl.models.qwen2_5_vl import Qwen2_5_VL, check_image_inputs
+from dprl.models.text import KVCache
+from dprl.sampling.processors import sample_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  max_new_tokens: int
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  num_samples: int = 1
+  eos_token_ids: tuple[int, ...] = ()
+  pad_token_id: int = 0
+
+  def validate(self) -> None:
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+    if self.num_samples < 1:
+      raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+
+
+class SampleOutput(NamedTuple):
+  tokens: jax.Array  # [B*G, N] int32, pad_token_id after a row's end
+  logprobs: jax.Array  # [B*G, N] float32, 0 after a row's end
+  lengths: jax.Array  # [B*G] int32, generated tokens including the EOS token
+  mask: jax.Array  # [B*G, N] int32, 1 on generated tokens
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+  """The power of two >= n (and >= minimum)."""
+  return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _sample(state, input_ids, attention_mask, pixel_values, image_grid_thw, key, *,
+            graphdef, cfg: SamplingConfig, mesh: Mesh | None):
+  model: Qwen2_5_VL = nnx.merge(graphdef, state)
+  mcfg = model.config
+  p, t = input_ids.shape
+  g, n = cfg.num_samples, cfg.max_new_tokens
+  s = t + n
+  b = p * g
+
+  def constrain(x, spec):
+    return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+  prompt_mask = attention_mask.astype(jnp.int32)
+  key_mask = jnp.concatenate([prompt_mask, jnp.zeros((p, n), jnp.int32)], axis=1)
+  cache = KVCache.zeros(mcfg.text, p, s, mcfg.dtype)
+  cache = KVCache(*(constrain(c, P(None, "data", None, "tensor", None)) for c in cache))
+  out = model(input_ids, attention_mask=key_mask, pixel_values=pixel_values,
+              image_grid_thw=image_grid_thw, cache=cache, cache_index=0, logits_to_keep=1)
+
+  # Broadcast each prompt's cache to its G samples (prompt-major rows).
+  rep = lambda x, axis=0: jnp.repeat(x, g, axis=axis)
+  cache = KVCache(*(constrain(rep(c, 1), P(None, "data", None, "tensor", None)) for c in out.cache))
+  key_mask = constrain(rep(key_mask), P("data", None))
+  logits = rep(out.logits[:, -1])
+  next_pos = rep(prompt_mask.sum(1) + out.rope_deltas)
+  eos = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
+
+  def cond(carry):
+    i, done = carry[0], carry[5]
+    return (i < n) & ~jnp.all(done)
+
+  def body(carry):
+    i, cache, key_mask, logits, next_pos, done, tokens, logprobs, key = carry
+    key, step_key = jax.random.split(key)
+    tok, lp = sample_tokens(step_key, logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    tok = jnp.where(done, cfg.pad_token_id, tok)
+    tokens = tokens.at[:, i].set(tok)
+    logprobs = logprobs.at[:, i].set(jnp.where(done, 0.0, lp))
+    done = done | jnp.isin(tok, eos)
+    key_mask = key_mask.at[:, t + i].set(1)
+    pos = jnp.broadcast_to(next_pos[None, :, None], (3, b, 1))
+    step = model(tok[:, None], attention_mask=key_mask, position_ids=pos, cache=KVCache(*cache),
+                 cache_index=t + i)
+    return (i + 1, tuple(step.cache), key_mask, step.logits[:, -1], next_pos + 1, done, tokens,
+            logprobs, key)
+
+  carry = (jnp.int32(0), tuple(cache), key_mask, logits, next_pos, jnp.zeros((b,), bool),
+           jnp.full((b, n), cfg.pad_token_id, jnp.int32), jnp.zeros((b, n), jnp.float32), key)
+  carry = jax.lax.while_loop(cond, body, carry)
+  tokens, logprobs = carry[6], carry[7]
+  is_eos = jnp.isin(tokens, eos)
+  first_eos = jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1) + 1, carry[0])
+  lengths = first_eos.astype(jnp.int32)
+  mask = (jnp.arange(n)[None, :] < lengths[:, None]).astype(jnp.int32)
+  return SampleOutput(tokens, logprobs, lengths, mask)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(graphdef, cfg: SamplingConfig, mesh: Mesh | None):
+  fn = functools.partial(_sample, graphdef=graphdef, cfg=cfg, mesh=mesh)
+  return jax.jit(fn)
+
+
+def _pad_prompts(input_ids: np.ndarray, attention_mask: np.ndarray, length: int):
+  """Left-pads to `length` (the prompt bucket)."""
+  extra = length - input_ids.shape[1]
+  if extra == 0:
+    return input_ids, attention_mask
+  return (np.pad(input_ids, ((0, 0), (extra, 0))), np.pad(attention_mask, ((0, 0), (extra, 0))))
+
+
+def _pad_patches(pixel_values: np.ndarray, grid: np.ndarray, total: int, merge: int):
+  """Appends a dummy image of `total - N` patches that no token refers to.
+
+  Its features are computed and never scattered (the k-th image token takes the k-th
+  feature row), so the real images are unaffected; it only fixes the shape.
+  """
+  extra = total - pixel_values.shape[0]
+  if extra == 0:
+    return pixel_values, grid
+  pv = np.concatenate([pixel_values, np.zeros((extra, pixel_values.shape[1]), pixel_values.dtype)])
+  dummy = np.array([[1, merge, extra // merge]], grid.dtype)
+  return pv, np.concatenate([grid, dummy])
+
+
+def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
+             max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             seed: int | jax.Array = 0, eos_token_id: int | Sequence[int] | None = None,
+             num_samples: int = 1, pad_token_id: int | None = None, mesh: Mesh | None = None,
+             bucket_prompts: bool = True) -> SampleOutput:
+  """Samples `num_samples` continuations of each left-padded prompt.
+
+  Args:
+    input_ids: [P, T] left-padded prompts; attention_mask: [P, T] (1 = real token).
+    pixel_values, image_grid_thw: the prompts' images in transformers' processor format.
+    eos_token_id: id(s) that end a row (default: the model config's eos_token_id).
+    seed: an int or a PRNG key.
+    mesh: if given, prompts are split over `data` and the cache over `tensor` (heads).
+  Returns:
+    SampleOutput with rows ordered prompt-major: row p * num_samples + j is sample j of prompt p.
+  """
+  mcfg = model.config
+  input_ids = np.asarray(input_ids)
+  attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
+  if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+    raise ValueError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must be [P, T]")
+  if attention_mask[:, -1].min() == 0:
+    raise ValueError("prompts must be left-padded: attention_mask has padding in the last column")
+  check_image_inputs(input_ids, pixel_values, image_grid_thw, mcfg)
+  if eos_token_id is None:
+    eos_token_id = mcfg.text.eos_token_id
+  eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
+  pad = pad_token_id if pad_token_id is not None else (mcfg.text.pad_token_id or (eos[0] if eos else 0))
+  cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
+                       top_k=int(top_k), num_samples=num_samples, eos_token_ids=eos, pad_token_id=int(pad))
+  cfg.validate()
+  if bucket_prompts:
+    input_ids, attention_mask = _pad_prompts(input_ids, attention_mask, bucket(input_ids.shape[1]))
+  if pixel_values is not None:
+    pixel_values = np.asarray(pixel_values, np.float32)
+    image_grid_thw = np.asarray(image_grid_thw, np.int32)
+    if bucket_prompts:
+      pixel_values, image_grid_thw = _pad_patches(pixel_values, image_grid_thw, bucket(pixel_values.shape[0], 64),
+                                                  mcfg.vision.spatial_merge_size)
+  key = jax.random.key(seed) if isinstance(seed, int) else seed
+  graphdef, state = nnx.split(model)
+  batch_args = [jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32)]
+  if mesh is not None:
+    batch_sharding = NamedSharding(mesh, P("data"))
+    batch_args = [jax.device_put(a, batch_sharding) for a in batch_args]
+  return _compiled(graphdef, cfg, mesh)(state, *batch_args, pixel_values, image_grid_thw, key)
