@@ -268,9 +268,11 @@ def test_custom_buckets_bound_the_padded_length(tokenizer):
   assert batch["input_ids"].shape[1] == 400
 
 
-def test_config_rejects_unknown_bad_record_policy():
+def test_config_rejects_unknown_bad_record_policy_and_short_buckets():
   with pytest.raises(ValueError, match="on_bad_record"):
     pl.PipelineConfig(on_bad_record="ignore")
+  with pytest.raises(ValueError, match="below max_prompt_length"):
+    pl.PipelineConfig(max_prompt_length=512, length_buckets=(128,))
 
 
 def test_pipeline_does_not_import_torch(small_dir):

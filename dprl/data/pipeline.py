@@ -110,8 +110,12 @@ class PipelineConfig:
       raise ValueError(f"on_bad_record must be 'skip' or 'raise', got {self.on_bad_record!r}")
     if self.batch_size < 1:
       raise ValueError(f"batch_size must be positive, got {self.batch_size}")
-    object.__setattr__(self, "length_buckets", bucket_lengths(
-        self.max_prompt_length, self.length_buckets, self.min_bucket))
+    self.buckets  # pylint: disable=pointless-statement  # validates length_buckets
+
+  @property
+  def buckets(self) -> tuple[int, ...]:
+    """The padded lengths batches may take (`length_buckets`, or the powers of two)."""
+    return bucket_lengths(self.max_prompt_length, self.length_buckets, self.min_bucket)
 
 
 def bucket_lengths(max_length: int, buckets: Sequence[int] | None = None,
@@ -338,7 +342,7 @@ class Pipeline:
         prefetch_buffer_size=config.prefetch_buffer_size)).batch(
             config.batch_size, drop_remainder=config.drop_remainder,
             batch_fn=lambda examples: collate(
-                examples, pad_id=self.special_ids.pad, buckets=config.length_buckets,
+                examples, pad_id=self.special_ids.pad, buckets=config.buckets,
                 patch_dim=patch_dim))
 
   def __iter__(self) -> grain.DatasetIterator:

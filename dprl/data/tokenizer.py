@@ -38,6 +38,7 @@ import transformers
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 from transformers.convert_slow_tokenizer import bytes_to_unicode
+from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
 # Added tokens of Qwen2.5-VL in id order from 151643, as in its tokenizer_config.json
 # `added_tokens_decoder`: (content, special). The last eight are added but not special,
@@ -225,9 +226,6 @@ def write_qwen2_5_vl_tokenizer(out_dir: str | os.PathLike) -> pathlib.Path:
   The folder holds tokenizer.json, tokenizer_config.json (class Qwen2Tokenizer, eos
   <|im_end|>, pad <|endoftext|>, no bos) and chat_template.jinja. No network access.
   """
-  # Imported here: the module is torch-free, but only this function needs the class.
-  from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer  # pylint: disable=g-import-not-at-top
-
   backend = build_qwen2_5_vl_backend()
   special = [content for content, is_special in QWEN2_5_VL_ADDED_TOKENS if is_special]
   tokenizer = Qwen2Tokenizer(
