@@ -249,6 +249,22 @@ def test_tfds_example_dicts_are_converted_and_bad_ones_counted(tokenizer):
   assert "source item 1" in pipeline.bad_records.messages[0]
 
 
+def test_tfds_array_record_data_source_feeds_the_pipeline(tokenizer, tmp_path):
+  tfds_builder = pytest.importorskip("dprl.data.tfds_builder")
+  records = _records(5)
+  builder = tfds_builder.RecordsBuilder(splits={"train": records}, config="pipeline_test",
+                                        data_dir=str(tmp_path))
+  builder.download_and_prepare()
+  source = builder.as_data_source()["train"]
+  pipeline = _pipeline(source, tokenizer, batch_size=5)
+  batch = next(iter(pipeline))
+  from_list = next(iter(_pipeline(records, tokenizer, batch_size=5)))
+  assert batch["id"] == from_list["id"]
+  np.testing.assert_array_equal(batch["input_ids"], from_list["input_ids"])
+  np.testing.assert_array_equal(batch["pixel_values"], from_list["pixel_values"])
+  assert pipeline.bad_records.num_bad == 0
+
+
 def test_bucket_lengths():
   assert pl.bucket_lengths(300, min_bucket=32) == (32, 64, 128, 256, 300)
   assert pl.bucket_lengths(256, min_bucket=64) == (64, 128, 256)
