@@ -50,23 +50,24 @@ class Attention(nnx.Module):
   def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None, return_probs=False):
     """x: [B, T, D]; cos, sin: [B, T, Dh]; mask: [B, T, S].
 
-    With a cache (k, v: [B, S, K, Dh]) the new keys/values are written at
-    `cache_index` and attention runs over all S slots; returns the updated (k, v).
+    With this layer's cache (k, v: [B, S, K, Dh]) attention runs over all S slots, the
+    new keys/values placed at `cache_index`; returns them ([B, T, K, Dh]) for the caller
+    to store.
     """
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
+    new_kv = None
     if cache_kv is not None:
-      k_all = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], k.astype(cache_kv[0].dtype), cache_index, axis=1)
-      v_all = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v.astype(cache_kv[1].dtype), cache_index, axis=1)
-      new_cache = (k_all, v_all)
-      k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
-    else:
-      new_cache = None
+      # Attend over this layer's cache with the new keys/values in their slots; the caller
+      # writes `new_kv` into the stacked cache (in place, as a loop carry).
+      new_kv = (k.astype(cache_kv[0].dtype), v.astype(cache_kv[1].dtype))
+      k = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], new_kv[0], cache_index, axis=1).astype(q.dtype)
+      v = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], new_kv[1], cache_index, axis=1).astype(q.dtype)
     out, probs = layers.attention(q, k, v, mask, return_probs=return_probs)
-    return self.o_proj(out.reshape(b, t, -1)), new_cache, probs
+    return self.o_proj(out.reshape(b, t, -1)), new_kv, probs
 
 
 class DecoderLayer(nnx.Module):
@@ -115,40 +116,37 @@ class TextDecoder(nnx.Module):
     """
     layer_def, layer_state = nnx.split(self.layers)
     policy = REMAT_POLICIES[self.remat_policy]
+    n = self.cfg.num_hidden_layers
 
-    def step(h, xs, return_probs=False):
-      state, kv = xs
-      h, new_kv, probs = nnx.merge(layer_def, state)(h, cos, sin, mask, kv, cache_index, return_probs)
-      return h, new_kv, probs
+    def step(carry, xs, return_probs=False):
+      h, kv = carry
+      state, i = xs
+      layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+      h, new_kv, probs = nnx.merge(layer_def, state)(h, cos, sin, mask, layer_kv, cache_index, return_probs)
+      if kv is not None:
+        # Write only the new slots of layer i, so the stacked cache is updated in place.
+        kv = tuple(jax.lax.dynamic_update_slice(c, u[None], (i, 0, cache_index, 0, 0)) for c, u in zip(kv, new_kv))
+      return (h, kv), probs
 
-    def scan_step(h, xs):
-      h, new_kv, _ = step(h, xs)
-      return h, new_kv
+    def scan_step(carry, xs):
+      return step(carry, xs)[0], None
 
     if policy is not None:
       scan_step = jax.checkpoint(scan_step, policy=policy, prevent_cse=False)
 
-    n = self.cfg.num_hidden_layers
     cuts = sorted({i for i in attention_layers if 0 <= i < n})
     if len(cuts) != len(set(attention_layers)):
       raise ValueError(f"attention_layers {attention_layers} out of range for {n} layers")
-    probs_out, new_k, new_v = {}, [], []
+    carry = (x, None if cache is None else (cache.k, cache.v))
+    probs_out = {}
     start = 0
     for stop in cuts + [n]:
-      sl = lambda a: a[start:stop]
-      kv = None if cache is None else (sl(cache.k), sl(cache.v))
       if stop > start:
-        x, seg_kv = jax.lax.scan(scan_step, x, (jax.tree.map(sl, layer_state), kv))
-        if cache is not None:
-          new_k.append(seg_kv[0]), new_v.append(seg_kv[1])
+        segment = jax.tree.map(lambda a: a[start:stop], layer_state)
+        carry, _ = jax.lax.scan(scan_step, carry, (segment, jnp.arange(start, stop)))
       if stop < n:
-        one = lambda a: a[stop]
-        kv1 = None if cache is None else (cache.k[stop], cache.v[stop])
-        x, kv1, probs_out[stop] = step(x, (jax.tree.map(one, layer_state), kv1), return_probs=True)
-        if cache is not None:
-          new_k.append(kv1[0][None]), new_v.append(kv1[1][None])
+        carry, probs_out[stop] = step(carry, (jax.tree.map(lambda a: a[stop], layer_state), stop),
+                                      return_probs=True)
       start = stop + 1
-    new_cache = None
-    if cache is not None:
-      new_cache = KVCache(jnp.concatenate(new_k), jnp.concatenate(new_v))
-    return x, new_cache, probs_out
+    x, kv = carry
+    return x, (None if kv is None else KVCache(*kv)), probs_out
