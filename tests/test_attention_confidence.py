@@ -1,0 +1,226 @@
+"""ACE: the log-space attention confidence against a NumPy transcription of the paper's
+product, its stability on long responses, the uninformative-token matcher, and the
+teacher-forced read-out from a tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import hypothesis.extra.numpy as hnp
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from dprl.curation import attention_confidence as ace
+from dprl.data import pipeline as pipeline_lib
+from dprl.data import synthetic
+from dprl.data import templates
+from dprl.data import tokenizer as tok_lib
+from dprl.evaluation import rollout
+from dprl.models import qwen2_5_vl
+
+
+def reference_psi(attention: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
+  """psi_j = prod_{i >= j, i valid} sigma * A[i, j], as written in the paper (float64)."""
+  n = attention.shape[-1]
+  psi = np.zeros(n)
+  for j in range(n):
+    if not mask[j]:
+      continue
+    product = 1.0
+    for i in range(j, n):
+      if mask[i]:
+        product *= sigma * attention[i, j]
+    psi[j] = product
+  return psi
+
+
+def random_attention(rng, n: int, prompt: int = 5) -> np.ndarray:
+  """[n, n] response block of causal softmax rows over prompt + response keys."""
+  scores = rng.normal(size=(n, prompt + n)) * 2.0
+  causal = np.arange(prompt + n)[None, :] <= prompt + np.arange(n)[:, None]
+  scores = np.where(causal, scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  return probs[:, prompt:]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("sigma", [2.0, 1.0, 7.5])
+def test_log_psi_matches_the_numpy_product_on_random_attention(seed, sigma):
+  rng = np.random.default_rng(seed)
+  n = 9
+  attention = random_attention(rng, n)
+  mask = np.ones(n, bool)
+  mask[rng.integers(6, n + 1):] = False  # right padding
+  got = np.asarray(ace.log_attention_confidence(attention, mask, sigma))
+  want = reference_psi(attention, mask, sigma)
+  np.testing.assert_allclose(np.exp(got[mask]), want[mask], rtol=1e-4)
+  assert np.all(np.isneginf(got[~mask]))
+
+
+def test_log_psi_is_batched_over_leading_axes():
+  rng = np.random.default_rng(0)
+  attention = np.stack([random_attention(rng, 6) for _ in range(3)])
+  mask = np.array([[1] * 6, [1] * 4 + [0] * 2, [1] + [0] * 5], bool)
+  got = np.asarray(ace.log_attention_confidence(attention, mask, 2.0))
+  for row in range(3):
+    want = np.asarray(ace.log_attention_confidence(attention[row], mask[row], 2.0))
+    np.testing.assert_array_equal(got[row], want)
+
+
+def test_hand_computed_two_token_case():
+  # psi_0 = (2 * 0.5) * (2 * 0.25) = 0.5; psi_1 = 2 * 0.75 = 1.5.
+  attention = np.array([[0.5, 0.0], [0.25, 0.75]])
+  got = np.exp(np.asarray(ace.log_attention_confidence(attention, np.array([True, True]))))
+  np.testing.assert_allclose(got, [0.5, 1.5], rtol=1e-6)
+
+
+def test_long_response_stays_finite_where_the_direct_product_underflows():
+  # Uniform causal attention within the response, A[i, j] = 1 / (i + 1): closed form
+  # log psi_j = (n - j) log 2 - (lgamma(n + 1) - lgamma(j + 1)).
+  n = 3000
+  i = np.arange(n)[:, None]
+  attention = np.where(np.arange(n)[None, :] <= i, 1.0 / (i + 1), 0.0).astype(np.float32)
+  got = np.asarray(ace.log_attention_confidence(attention, np.ones(n, bool), 2.0))
+  want = np.array([(n - j) * math.log(2.0) - (math.lgamma(n + 1) - math.lgamma(j + 1))
+                   for j in range(n)])
+  assert np.prod(2.0 * attention[:, 0]) == 0.0  # the product itself underflows float64
+  assert np.all(np.isfinite(got))
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+  assert got[0] < -10000  # far below anything exp() can represent
+
+
+def test_exact_zero_attention_gives_minus_infinity_and_padding_too():
+  attention = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.5, 0.0]])
+  got = np.asarray(ace.log_attention_confidence(attention, np.array([True, True, False])))
+  assert np.isneginf(got[0])  # A[1, 0] = 0: psi_0 = 0 exactly
+  assert got[1] == pytest.approx(math.log(2.0))
+  assert np.isneginf(got[2])
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 8), valid=st.integers(1, 8), seed=st.integers(0, 2**16),
+       noise=hnp.arrays(np.float64, (8, 8), elements=st.floats(1e-6, 1.0)))
+def test_padding_values_never_change_valid_tokens(n, valid, seed, noise):
+  valid = min(valid, n)
+  attention = random_attention(np.random.default_rng(seed), n)
+  mask = np.arange(n) < valid
+  changed = attention.copy()
+  pad = ~(mask[:, None] & mask[None, :])
+  changed[pad] = noise[:n, :n][pad]
+  a = np.asarray(ace.log_attention_confidence(attention, mask))
+  b = np.asarray(ace.log_attention_confidence(changed, mask))
+  np.testing.assert_array_equal(a[mask], b[mask])
+  # The last valid token has a single factor: psi = sigma * A[last, last].
+  last = valid - 1
+  assert a[last] == pytest.approx(math.log(2.0 * attention[last, last]), rel=1e-5, abs=1e-5)
+
+
+def test_log_psi_rejects_mismatched_shapes():
+  with pytest.raises(ValueError, match=r"\[\.\.\., N, N\]"):
+    ace.log_attention_confidence(np.ones((3, 4)), np.ones(3, bool))
+
+
+def test_max_over_picks_the_largest_selected_and_reports_none():
+  log_psi = np.array([[-1.0, -0.5, -3.0], [-1.0, -2.0, -3.0]])
+  select = np.array([[True, False, True], [False, False, False]])
+  best, where = ace.max_over(log_psi, select)
+  assert best[0] == -1.0 and where[0] == 0
+  assert np.isneginf(best[1]) and where[1] == -1
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+  return tok_lib.load_tokenizer(tok_lib.write_small_tokenizer(tmp_path_factory.mktemp("tok")))
+
+
+def test_matcher_uses_decoded_strings_case_and_whitespace_insensitively(tokenizer):
+  ids = tokenizer.encode(". a b\nA,<|im_end|>", add_special_tokens=False)
+  flags = ace.TokenMatcher(tokenizer)(np.asarray(ids))
+  decoded = [tokenizer.decode([i]) for i in ids]
+  assert dict(zip(decoded, flags.tolist())) == {
+      ".": True, " ": True, "a": True, "b": False, "\n": True, "A": True, ",": True,
+      "<|im_end|>": False}
+  custom = ace.TokenMatcher(tokenizer, ("b",), case_sensitive=True)
+  assert custom(np.asarray(ids)).tolist() == [d == "b" for d in decoded]
+
+
+def test_layer_index_is_checked():
+  assert ace.resolve_layer(-1, 2) == 1
+  with pytest.raises(ValueError, match="ace layer 2 out of range"):
+    ace.resolve_layer(2, 2)
+
+
+def test_unknown_response_picker_is_named():
+  with pytest.raises(ValueError, match="unknown ACE response picker 'best'"):
+    ace.AceConfig(response="best")
+  assert ace.RESPONSE_PICKERS["first_correct"]([False, True, True], [3, 4, 5]) == 1
+  assert ace.RESPONSE_PICKERS["first_correct"]([False, False], [3, 4]) == 0
+  assert ace.RESPONSE_PICKERS["longest"]([False, False], [3, 4]) == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer):
+  return qwen2_5_vl.init(rollout.tiny_model_config_for(tokenizer), seed=3)
+
+
+def test_teacher_forced_read_out_matches_the_models_own_attention(tiny_model):
+  rng = np.random.default_rng(0)
+  # Two rows: a left-padded prompt, and a right-padded response.
+  prompt_ids = rng.integers(20, 200, (2, 7)).astype(np.int32)
+  prompt_mask = np.ones((2, 7), np.int32)
+  prompt_mask[1, :3] = 0
+  response_ids = rng.integers(20, 200, (2, 5)).astype(np.int32)
+  response_mask = np.ones((2, 5), np.int32)
+  response_mask[0, 3:] = 0
+  # The final layer (the default, -1); `resolve_layer` covers other indices.
+  got = ace.response_log_psi(tiny_model, prompt_ids, prompt_mask, response_ids, response_mask)
+  out = tiny_model(jnp.asarray(np.concatenate([prompt_ids, response_ids], 1)),
+                   attention_mask=jnp.asarray(np.concatenate([prompt_mask, response_mask], 1)),
+                   attention_layers=(1,), logits_to_keep=1)
+  probs = np.asarray(out.attentions[1], np.float64).mean(1)[:, 7:, 7:]  # heads averaged
+  for row in range(2):
+    mask = response_mask[row].astype(bool)
+    want = reference_psi(probs[row], mask, 2.0)
+    np.testing.assert_allclose(np.exp(got[row][mask]), want[mask], rtol=1e-4)
+    assert np.all(np.isneginf(got[row][~mask]))
+  # A row's value does not depend on its batch mates or its padding.
+  alone = ace.response_log_psi(tiny_model, prompt_ids[1:, 3:], prompt_mask[1:, 3:],
+                               response_ids[1:], response_mask[1:])
+  np.testing.assert_allclose(alone[0], got[1], rtol=1e-4)
+
+
+def test_score_responses_on_synthetic_records(tiny_model, tokenizer):
+  records = synthetic.generate_split("count_color", "train", 3, seed=0)
+  config = pipeline_lib.PipelineConfig(
+      template=templates.TemplateConfig(names=("plain",)), min_pixels=28 * 28,
+      max_pixels=56 * 56, max_prompt_length=512, shuffle=False)
+  responses = ["<think>there are 3</think> \\boxed{3}", "so, the answer: 2", "xyz"]
+  scores = ace.score_responses(tiny_model, tokenizer, records, responses,
+                               [True, False, True], pipeline_config=config,
+                               config=ace.AceConfig(batch_size=2))
+  assert len(scores) == 3
+  for score in scores[:2]:
+    assert score.token.strip().lower() in ace.DEFAULT_UNINFORMATIVE
+    assert np.isfinite(score.log_max_psi) and score.position >= 0
+  assert scores[2] == ace.AceScore(-math.inf, "", -1)  # "xyz" has no uninformative token
+
+  # Record 0 against the model's own attention, unbatched and without the patch padding
+  # (its 16 patches are padded to 64 inside `response_log_psi`).
+  example = pipeline_lib.RecordToExample(tokenizer, config,
+                                         pipeline_lib.BadRecordReport()).example(records[0])
+  eos = tok_lib.SpecialTokenIds.from_tokenizer(tokenizer).eos
+  response = ace.response_token_ids(tokenizer, responses[0], True, eos)
+  ids = np.concatenate([example["input_ids"], response])[None]
+  out = tiny_model(jnp.asarray(ids), pixel_values=jnp.asarray(example["pixel_values"]),
+                   image_grid_thw=jnp.asarray(example["image_grid_thw"], jnp.int32),
+                   attention_layers=(1,), logits_to_keep=1)
+  n = len(response)
+  probs = np.asarray(out.attentions[1], np.float64)[0].mean(0)[-n:, -n:]
+  psi = reference_psi(probs, np.ones(n, bool), 2.0)
+  uninformative = ace.TokenMatcher(tokenizer)(np.asarray(response))
+  assert scores[0].log_max_psi == pytest.approx(np.log(psi[uninformative].max()), rel=1e-4)
+  assert eos not in ace.response_token_ids(tokenizer, "ab", False, eos)
+  assert ace.response_token_ids(tokenizer, "ab", True, eos)[-1] == eos
