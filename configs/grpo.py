@@ -1,0 +1,204 @@
+"""GRPO on Qwen2.5-VL: `python -m dprl.train --config configs/grpo.py:VARIANT --workdir DIR`.
+
+Variants (`VARIANTS`):
+  tiny           the `tiny` preset, randomly initialised, on the synthetic colour-counting
+                 benchmark with the small character tokenizer; a few steps run in seconds
+                 on a laptop CPU (tests use it).
+  qwen2_5_vl_3b  real sizes with EasyR1-like hyper-parameters (methods.md): lr 1e-6,
+  qwen2_5_vl_7b  AdamW wd 1e-2, clip 1.0, k3 KL beta 1e-2, rollout batch 512 prompts,
+                 update batch 128, max prompt/response length 2048, images of
+                 262,144-4,194,304 pixels. Set `model.init_checkpoint` (a Hugging Face
+                 folder) and `data.path` (a JSONL file of a `data.layout`).
+
+Every key can be overridden from the command line (`--config.rl.beta=0.0`); the config is
+locked, so a misspelt key is an error naming it. Keys whose default is None (e.g. the
+difficulty weighting's parameters) take a value of their declared type.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 100
+
+  # The policy. init_checkpoint: "" = random init of `preset` (token ids taken from the
+  # tokenizer), a Hugging Face folder (config.json + safetensors), or an Orbax checkpoint
+  # of an earlier dprl run (its folder, its checkpoints/ folder, or one step folder).
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "tiny"
+  c.model.init_checkpoint = ""
+  c.model.dtype = "float32"  # compute dtype; logits and losses are float32 regardless
+  c.model.param_dtype = "float32"
+  c.model.remat_policy = "none"  # none | full | dots | dots_no_batch
+
+  # "" = the Qwen2.5-VL tokenizer (built offline); "small" = the small character-level
+  # tokenizer (written into the workdir); else a tokenizer folder.
+  c.tokenizer = "small"
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "synthetic"  # see dprl.train.DATA_SOURCES
+  c.data.path = ""  # jsonl source: the file
+  c.data.layout = "geometry3k"  # jsonl source: dprl.data.readers layout
+  c.data.tasks = "count_color"  # synthetic source: task names, comma-separated
+  c.data.num_items = 512  # synthetic source: training items
+  c.data.image_size = 56  # synthetic source
+  c.data.seed = 0  # synthetic generation and shuffling
+  c.data.template = "format"  # dprl.data.templates names, "a+b"
+  c.data.system_prompt = config_dict.placeholder(str)
+  c.data.rollout_batch_size = 8  # P: prompts per step
+  c.data.max_prompt_length = 2048
+  c.data.min_pixels = 56 * 56
+  c.data.max_pixels = 28 * 28 * 16384
+  c.data.num_threads = 2
+
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.num_samples = 8  # G: responses per prompt
+  c.sampling.max_new_tokens = 64
+  c.sampling.temperature = 1.0
+  c.sampling.top_p = 1.0
+  c.sampling.top_k = 0
+  c.sampling.eos_tokens = "<|im_end|>,<|endoftext|>"  # those the tokenizer has
+
+  c.rl = ml_collections.ConfigDict()
+  c.rl.reward_fn = "math"  # dprl.rl.rewards.REWARD_FNS
+  c.rl.reward = ml_collections.ConfigDict()  # the reward's parameters; None = its default
+  c.rl.reward.accuracy_weight = config_dict.placeholder(float)  # math: 0.9
+  c.rl.reward.format_weight = config_dict.placeholder(float)  # math: 0.1
+  c.rl.reward.answer_pattern = config_dict.placeholder(str)  # None: the last \boxed{}
+  c.rl.estimator = "grpo"  # dprl.rl.advantages.ESTIMATORS
+  c.rl.difficulty_weighting = "none"  # dprl.rl.advantages.DIFFICULTY_WEIGHTINGS
+  c.rl.scale_by_std = config_dict.placeholder(bool)  # None: the estimator's default
+  c.rl.weighting = ml_collections.ConfigDict()  # the weighting's parameters; None = default
+  c.rl.weighting.alpha = config_dict.placeholder(float)
+  c.rl.weighting.gamma = config_dict.placeholder(float)
+  c.rl.weighting.offset = config_dict.placeholder(float)
+  c.rl.weighting.sharpness = config_dict.placeholder(float)
+  c.rl.eps_low = 0.2
+  c.rl.eps_high = 0.2
+  c.rl.clip_ratio_c = config_dict.placeholder(float)  # dual clip; None = off
+  c.rl.beta = 0.0  # KL coefficient; 0 = no reference model at all
+  c.rl.kl_estimator = "k3"
+  c.rl.aggregation = "token_mean"  # dprl.rl.losses.AGGREGATIONS
+  c.rl.ref_sync_every = 0  # copy the policy into the reference every N steps; 0 = never
+  c.rl.num_iterations = 1  # passes over each rollout
+  c.rl.update_batch_size = 0  # prompts per optimizer update; 0 = the whole rollout
+  c.rl.micro_batch_size = 8  # rows (responses) per forward/backward
+  c.rl.logprob_micro_batch_size = 0  # rows per old/ref log-prob forward; 0 = as above
+  c.rl.chunk_size = 128  # response positions projected to the vocabulary at once
+  c.rl.filter_groups = False  # online filtering (EasyR1)
+  c.rl.filter_low = 0.01
+  c.rl.filter_high = 0.99
+  c.rl.filter_max_tries = 4
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 1e-6
+  c.optim.schedule = "constant"  # dprl.rl.train_state.SCHEDULES
+  c.optim.warmup_steps = 0  # optimizer updates
+  c.optim.final_lr_ratio = 0.0  # cosine: final lr / peak
+  c.optim.weight_decay = 1e-2
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.max_grad_norm = 1.0
+
+  # Supervised warm start before RL (cross-entropy on `response_format` filled with the
+  # record's answer), only when a run starts fresh; RL then begins from a fresh optimizer.
+  c.sft = ml_collections.ConfigDict()
+  c.sft.steps = 0
+  c.sft.batch_size = 0  # prompts per step; 0 = data.rollout_batch_size
+  c.sft.response_format = "<think> </think> \\boxed{{{answer}}}"
+  c.sft.learning_rate = 1e-3
+  c.sft.schedule = "cosine"
+  c.sft.warmup_steps = 10
+  c.sft.final_lr_ratio = 0.1
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all remaining devices
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 50
+  c.checkpoint.max_to_keep = 3
+  c.checkpoint.async_save = True
+
+  c.logging = ml_collections.ConfigDict()
+  c.logging.tensorboard = True
+  c.logging.progress = True
+  return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> None:
+  c.total_steps = 4
+  c.model.preset = "tiny"
+  c.tokenizer = "small"
+  c.data.source = "synthetic"
+  c.data.num_items = 256
+  c.data.template = "plain"  # the format instruction would triple the prompt
+  c.data.rollout_batch_size = 8
+  c.data.max_prompt_length = 256
+  c.data.max_pixels = 56 * 56
+  c.sampling.num_samples = 4
+  c.sampling.max_new_tokens = 16
+  c.rl.micro_batch_size = 16
+  c.rl.chunk_size = 16
+  c.optim.learning_rate = 1e-4  # tiny-rl-facts.md: <= 1e-4 with Adam
+  c.sft.response_format = "<think> </think> \\boxed{{{answer}}}"
+  c.checkpoint.every = 2
+
+
+def _easyr1(c: ml_collections.ConfigDict, preset: str, num_samples: int) -> None:
+  c.total_steps = 200
+  c.model.preset = preset
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "float32"
+  c.model.remat_policy = "dots_no_batch"
+  c.tokenizer = ""
+  c.data.source = "jsonl"
+  c.data.layout = "geometry3k"
+  c.data.template = "format"
+  c.data.rollout_batch_size = 512
+  c.data.max_prompt_length = 2048
+  c.data.min_pixels = 262144
+  c.data.max_pixels = 4194304
+  c.data.num_threads = 16
+  c.sampling.num_samples = num_samples
+  c.sampling.max_new_tokens = 2048
+  c.rl.eps_low = 0.2
+  c.rl.eps_high = 0.3  # EasyR1's clip_ratio_high
+  c.rl.clip_ratio_c = 3.0  # EasyR1's clip_ratio_dual
+  c.rl.beta = 1e-2
+  c.rl.kl_estimator = "k3"
+  c.rl.update_batch_size = 128
+  c.rl.micro_batch_size = 16
+  c.rl.logprob_micro_batch_size = 32
+  c.rl.chunk_size = 256
+  c.optim.learning_rate = 1e-6
+  c.optim.weight_decay = 1e-2
+  c.optim.max_grad_norm = 1.0
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.checkpoint.every = 10
+
+
+VARIANTS = {
+    "tiny": tiny,
+    "qwen2_5_vl_3b": lambda c: _easyr1(c, "qwen2_5_vl_3b", num_samples=5),
+    "qwen2_5_vl_7b": lambda c: _easyr1(c, "qwen2_5_vl_7b", num_samples=8),
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "tiny"
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r} of configs/grpo.py; known: "
+                     f"{sorted(VARIANTS)} (use --config configs/grpo.py:VARIANT)")
+  c = base()
+  VARIANTS[variant](c)
+  c.lock()
+  return c
