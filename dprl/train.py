@@ -521,20 +521,24 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
     sys.exit(1)
 
 
-def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> RunResult:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def train_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> RunResult:
+  """`train` on parsed --config and --workdir flags."""
   if flag_values.config is None:
     raise app.UsageError("--config is required, e.g. --config configs/grpo.py:tiny")
   if not flag_values.workdir:
     raise app.UsageError("--workdir is required")
+  return train(flag_values.config, flag_values.workdir)
+
+
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.basicConfig(level=logging.INFO,
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   # Orbax logs every file it writes through absl at INFO; keep warnings only.
   logging.getLogger("absl").setLevel(logging.WARNING)
-  result = train(flag_values.config, flag_values.workdir)
+  result = train_from_flags(flag_values)
   print(json.dumps({"step": result.step, "preempted": result.preempted}))
-  return result
 
 
 def run(argv: Sequence[str] | None = None) -> None:

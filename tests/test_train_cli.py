@@ -163,7 +163,7 @@ def test_cli_writes_metrics_tensorboard_and_checkpoints(tmp_path):
   flag_values = flags.FlagValues()
   train_lib.define_flags(flag_values, argv)
   train_lib.parse_flags(argv, flag_values)
-  result = train_lib.main(["train"], flag_values)
+  result = train_lib.train_from_flags(flag_values)
   assert result.step == 2 and not result.preempted
   rows = metrics_lib.read_metrics(str(tmp_path))
   assert [row["step"] for row in rows] == [1, 2]
