@@ -301,3 +301,52 @@ def test_schedules_warm_up_then_hold_or_decay():
                              [5e-4, 1e-3, 1e-3, 5.5e-4, 1e-4], rtol=1e-5)
   with pytest.raises(ValueError, match="learning-rate schedule 'linear'"):
     train_state_lib.make_schedule({**OPTIM, "schedule": "linear"}, 10)
+
+
+def test_teacher_forced_logprobs_match_the_samplers(model):
+  # The old-policy log-probs the ratio starts from must be those the sampler drew with
+  # (same positions, images and temperature), or the first update's ratio is not 1.
+  # (This random model samples the image placeholder id in one row; the response ends
+  # there.)
+  from dprl.sampling import generate  # pylint: disable=g-import-not-at-top
+  cfg = model.config
+  prompts = make_rollout(cfg, rows=2, seed=5)
+  pixel_values = np.concatenate([pv for pv, _ in prompts.images])
+  grid = np.concatenate([g for _, g in prompts.images])
+  out = generate(model, prompts.prompt_ids, attention_mask=prompts.prompt_mask,
+                 pixel_values=pixel_values, image_grid_thw=grid, max_new_tokens=6,
+                 temperature=0.8, seed=0, num_samples=2, eos_token_id=[7])
+  tokens = np.asarray(out.tokens)
+  assert (tokens == cfg.image_token_id).any()
+  _, mask = learner_lib.end_at_vision_tokens(tokens, np.asarray(out.lengths),
+                                             [cfg.image_token_id, cfg.video_token_id])
+  assert mask.sum() < np.asarray(out.mask).sum()
+  rollout = learner_lib.Rollout(
+      np.repeat(prompts.prompt_ids, 2, axis=0), np.repeat(prompts.prompt_mask, 2, axis=0),
+      tokens, mask, np.zeros(4, np.float32),
+      [image for image in prompts.images for _ in range(2)])
+  learner, state = make_learner(model, single_device_mesh(), optax.sgd(0.0),
+                                micro_batch_size=4, temperature=0.8)
+  logp, _ = learner.logprobs(state.params, rollout)
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(logp[valid], np.asarray(out.logprobs)[valid], atol=1e-4)
+
+
+def test_a_sampled_image_placeholder_does_not_shift_other_rows_images(model):
+  # The model gives the k-th image placeholder of the batch the k-th image feature; a
+  # placeholder in row 0's response must not take row 1's image.
+  cfg = model.config
+  rollout = make_rollout(cfg, rows=2, seed=6)
+  alone = make_rollout(cfg, rows=2, seed=6)
+  rollout.response_ids[0, 1] = cfg.image_token_id
+  learner, state = make_learner(model, single_device_mesh(), optax.sgd(0.0),
+                                micro_batch_size=2)
+  with_placeholder, _ = learner.logprobs(state.params, rollout)
+  without, _ = learner.logprobs(state.params, alone)
+  valid = rollout.response_mask[1].astype(bool)
+  np.testing.assert_allclose(with_placeholder[1][valid], without[1][valid], atol=1e-5)
+  np.testing.assert_allclose(with_placeholder[0, 0], without[0, 0], atol=1e-5)
+  lengths, mask = learner_lib.end_at_vision_tokens(
+      np.array([[5, 290, 6], [5, 6, 7]]), np.array([3, 2]), [290])
+  np.testing.assert_array_equal(lengths, [2, 2])
+  np.testing.assert_array_equal(mask, [[1, 1, 0], [1, 1, 0]])

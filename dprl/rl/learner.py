@@ -494,6 +494,8 @@ class RolloutConfig:
     max_new_tokens, temperature, top_p, top_k: sampling.
     eos_token_ids: ids that end a response.
     pad_token_id: written after a response's end.
+    vision_token_ids: image/video placeholder ids; a response ends at the first one it
+      samples (`end_at_vision_tokens`).
     reward_fn: a name in `dprl.rl.rewards.REWARD_FNS`; reward_params its keyword
       arguments, as (name, value) pairs.
     estimator, difficulty_weighting, scale_by_std, advantage_params: see
@@ -512,6 +514,7 @@ class RolloutConfig:
   top_k: int = 0
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int = 0
+  vision_token_ids: tuple[int, ...] = ()
   reward_fn: str = "math"
   reward_params: tuple[tuple[str, Any], ...] = ()
   estimator: str = "grpo"
@@ -553,6 +556,28 @@ class Group:
     return float(np.mean(self.correct))
 
 
+def end_at_vision_tokens(tokens: np.ndarray, lengths: np.ndarray,
+                         vision_token_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+  """Ends each response at its first image/video placeholder token (inclusive).
+
+  The teacher-forced pass cannot feed such a token back as the sampler did (the model
+  reads it as an image slot; see `dprl.rl.logprobs`), so what follows it is dropped from
+  the loss and the reward, as if the placeholder were an end-of-sequence token.
+
+  Args:
+    tokens: [B, N] sampled ids; lengths: [B] valid lengths.
+    vision_token_ids: the placeholder ids.
+
+  Returns:
+    (lengths [B], mask [B, N] int32).
+  """
+  is_vision = np.isin(tokens, np.asarray(vision_token_ids))
+  first = np.where(is_vision.any(axis=1), np.argmax(is_vision, axis=1) + 1, tokens.shape[1])
+  lengths = np.minimum(lengths, first)
+  mask = (np.arange(tokens.shape[1])[None, :] < lengths[:, None]).astype(np.int32)
+  return lengths, mask
+
+
 def decode_responses(tokenizer, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
   """Text of each response up to its length, special tokens (EOS) dropped."""
   return tokenizer.batch_decode([row[:n].tolist() for row, n in zip(tokens, lengths)],
@@ -591,6 +616,8 @@ def sample_groups(model, batch: Mapping[str, Any], key: jax.Array, config: Rollo
   tokens = np.asarray(out.tokens, np.int32)
   mask = np.asarray(out.mask, np.int32)
   lengths = np.asarray(out.lengths)
+  if config.vision_token_ids:
+    lengths, mask = end_at_vision_tokens(tokens, lengths, config.vision_token_ids)
   texts = decode_responses(tokenizer, tokens, lengths)
   answers = [str(a) for a in batch["answer"]]
   rewards, correct = rewards_lib.score_responses(

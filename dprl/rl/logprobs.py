@@ -17,6 +17,14 @@ the model's own full-vocabulary logits output is unused there and XLA removes it
 
 Temperature: the sampler draws from `softmax(logits / temperature)`, so the ratio and KL
 are taken under the same tempered distribution (as verl/EasyR1 do).
+
+Vision placeholder tokens in responses: a (young) policy can sample <|image_pad|>. The
+model treats every such id in `input_ids` as a slot for the next image feature, counted
+over the whole batch, so one in a response would shift the image features and rotary
+positions of every later row. Response inputs therefore have image/video placeholder ids
+replaced (`VISION_PLACEHOLDER_REPLACEMENT`); the log-prob of the sampled placeholder itself
+is exact (it is predicted from earlier positions), later positions of that row are not
+what the sampler saw, and `dprl.rl.learner` ends such a response at the placeholder.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 DEFAULT_CHUNK_SIZE = 128
+VISION_PLACEHOLDER_REPLACEMENT = 0  # any id the model does not treat as an image slot
 
 
 def _check_settings(chunk_size: int, temperature: float) -> None:
@@ -126,7 +135,11 @@ def response_logprobs(model, prompt_ids: jax.Array, prompt_mask: jax.Array,
                      f"{response_ids.shape[0]}")
   prompt_len = prompt_ids.shape[1]
   response_len = response_ids.shape[1]
-  input_ids = jnp.concatenate([prompt_ids, response_ids.astype(prompt_ids.dtype)], axis=1)
+  config = model.config
+  placeholders = jnp.asarray([config.image_token_id, config.video_token_id])
+  response_inputs = jnp.where(jnp.isin(response_ids, placeholders),
+                              VISION_PLACEHOLDER_REPLACEMENT, response_ids)
+  input_ids = jnp.concatenate([prompt_ids, response_inputs.astype(prompt_ids.dtype)], axis=1)
   attention_mask = jnp.concatenate(
       [prompt_mask.astype(jnp.int32), response_mask.astype(jnp.int32)], axis=1)
   out = model(input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
