@@ -255,3 +255,34 @@ def test_presets_have_the_published_shapes():
     abstract = qwen2_5_vl.abstract(get_preset(name))
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract)))
     assert abs(n - count) / count < 0.01, (name, n)
+
+
+def test_block_local_segment_attention_equals_dense():
+  from dprl.models.layers import segment_attention
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(1, 17, size=40)  # contiguous segments of at most 16
+  segment = jnp.asarray(np.repeat(np.arange(len(lengths)), lengths))
+  n = int(lengths.sum())
+  q, k, v = (jnp.asarray(rng.standard_normal((n, 2, 8)), jnp.float32) for _ in range(3))
+  dense = segment_attention(q, k, v, segment, None)
+  np.testing.assert_allclose(np.asarray(segment_attention(q, k, v, segment, 16)), np.asarray(dense), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(segment_attention(q, k, v, segment, 64)), np.asarray(dense), atol=1e-6)
+
+
+def test_jitted_forward_with_a_frame_bound_matches_transformers(model, hf_model):
+  """Under jit the grid is traced; a static max_frame_patches makes the full-attention
+  vision blocks block-local too."""
+  ids, mask, pv, thw = _inputs("images_of_different_sizes_left_padded")
+  graphdef, state = nnx.split(model)
+  bound = qwen2_5_vl.frame_patch_bound(thw)
+  assert bound == 128  # largest image: 16 x 8 patches
+
+  @jax.jit
+  def forward(state, ids, mask, pv, thw):
+    return nnx.merge(graphdef, state)(ids, attention_mask=mask, pixel_values=pv, image_grid_thw=thw,
+                                      max_frame_patches=bound).logits
+
+  got = np.asarray(forward(state, ids, mask, pv, thw))
+  ref = hf_logits(hf_model, ids, mask, pv, thw)
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(got[valid], ref[valid], atol=TOL, rtol=0)

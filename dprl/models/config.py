@@ -275,6 +275,17 @@ PRESETS: dict[str, ModelConfig] = {
                         rope_theta=10000.0, mrope_section=(2, 3, 3), max_position_embeddings=4096,
                         bos_token_id=None, eos_token_id=None),
         image_token_id=290, video_token_id=291, vision_start_token_id=288, vision_end_token_id=289),
+    # ~1M parameters: the size that learned visual counting by RL on 2 CPU cores in
+    # shared/docs/tiny-rl-facts.md (2-layer ViT of width 64, 3-layer decoder of width 128).
+    # The demo's default; token ids are replaced by the tokenizer's.
+    "cpu_demo": ModelConfig(
+        vision=VisionConfig(depth=2, hidden_size=64, intermediate_size=256, num_heads=4,
+                            out_hidden_size=128, fullatt_block_indexes=(1,)),
+        text=TextConfig(vocab_size=512, hidden_size=128, intermediate_size=512,
+                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                        rope_theta=10000.0, mrope_section=(4, 6, 6), max_position_embeddings=4096,
+                        bos_token_id=None, eos_token_id=None),
+        image_token_id=290, video_token_id=291, vision_start_token_id=288, vision_end_token_id=289),
 }
 
 

@@ -107,3 +107,39 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
   out = out.reshape(b, t, h, dh)
   return out, (probs.reshape(b, h, t, -1) if return_probs else None)
+
+
+def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment: jax.Array,
+                      block: int | None) -> jax.Array:
+  """Attention within contiguous segments of a packed sequence (no batch axis).
+
+  q, k, v: [N, H, Dh]; segment: [N] ids, each segment a contiguous run. With `block`,
+  every segment must be at most `block` long: a query then only needs the keys of its
+  own block and the two beside it, so the cost is N * 3 * block instead of N^2 (the
+  vision tower packs hundreds of images whose windows hold <= 64 patches). With
+  `block=None` it is dense masked attention.
+  Returns [N, H, Dh].
+  """
+  n, h, dh = q.shape
+  if block is None or block >= n:
+    out, _ = attention(q[None], k[None], v[None], (segment[:, None] == segment[None, :])[None])
+    return out[0]
+  nb = -(-n // block)
+  pad = nb * block - n
+  # Padding gets its own segment id (-1) so it attends to nothing real.
+  q, k, v = (jnp.pad(x, ((0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+  seg = jnp.pad(segment, (0, pad), constant_values=-1)
+  qb = q.reshape(nb, block, h, dh)
+
+  def neighbours(x):  # [nb, block, ...] -> [nb, 3 * block, ...]: previous, own, next block
+    fill = jnp.full_like(x[:1], -2) if x.dtype == seg.dtype else jnp.zeros_like(x[:1])
+    prev = jnp.concatenate([fill, x[:-1]], axis=0)
+    nxt = jnp.concatenate([x[1:], fill], axis=0)
+    return jnp.concatenate([prev, x, nxt], axis=1)
+
+  kb = neighbours(k.reshape(nb, block, h, dh))
+  vb = neighbours(v.reshape(nb, block, h, dh))
+  segb = seg.reshape(nb, block)
+  mask = segb[:, :, None] == neighbours(segb)[:, None, :]  # [nb, block, 3 * block]
+  out, _ = attention(qb, kb, vb, mask)
+  return out.reshape(nb * block, h, dh)[:n]

@@ -73,6 +73,20 @@ def check_image_inputs(input_ids, pixel_values, image_grid_thw, cfg: ModelConfig
         f"{grid.tolist()} needs {expected} (sum of t*h*w / {m * m})")
 
 
+def frame_patch_bound(image_grid_thw, minimum: int = 64) -> int | None:
+  """A power of two >= the largest h*w in `image_grid_thw` (host values), or None.
+
+  Bucketed so that jitted callers keyed on it see few distinct values.
+  """
+  if image_grid_thw is None:
+    return None
+  grid = np.asarray(image_grid_thw)
+  if grid.size == 0:
+    return None
+  largest = int((grid[:, 1] * grid[:, 2]).max())
+  return max(minimum, 1 << max(0, largest - 1).bit_length())
+
+
 class Qwen2_5_VL(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -87,12 +101,16 @@ class Qwen2_5_VL(nnx.Module):
       init = nnx.initializers.normal(0.02)
       self.lm_head = nnx.Param(init(rngs.params(), (cfg.text.hidden_size, cfg.text.vocab_size), cfg.param_dtype))
 
-  def embed(self, input_ids: jax.Array, pixel_values=None, image_grid_thw=None) -> jax.Array:
+  def embed(self, input_ids: jax.Array, pixel_values=None, image_grid_thw=None,
+            max_frame_patches: int | None = None) -> jax.Array:
     """Token embeddings with image features scattered into the image-token slots: [B, T, D]."""
     x = self.model.embed_tokens(input_ids).astype(self.config.dtype)
     if pixel_values is None:
       return x
-    features = self.visual(pixel_values.astype(self.config.dtype), image_grid_thw).astype(x.dtype)
+    if max_frame_patches is None and _is_concrete(image_grid_thw):
+      max_frame_patches = frame_patch_bound(image_grid_thw)
+    features = self.visual(pixel_values.astype(self.config.dtype), image_grid_thw,
+                           max_frame_patches).astype(x.dtype)
     is_img = (input_ids == self.config.image_token_id).reshape(-1)
     # The k-th image token (row-major over the batch) takes the k-th feature row.
     src = jnp.clip(jnp.cumsum(is_img) - 1, 0, features.shape[0] - 1)
@@ -112,7 +130,8 @@ class Qwen2_5_VL(nnx.Module):
                pixel_values: jax.Array | None = None, image_grid_thw: jax.Array | None = None, *,
                position_ids: jax.Array | None = None, cache: KVCache | None = None,
                cache_index: jax.Array | int = 0, logits_to_keep: int = 0,
-               attention_layers: tuple[int, ...] = (), return_hidden: bool = False) -> ModelOutput:
+               attention_layers: tuple[int, ...] = (), return_hidden: bool = False,
+               max_frame_patches: int | None = None) -> ModelOutput:
     """Forward pass of a left-padded batch.
 
     Args:
@@ -126,6 +145,9 @@ class Qwen2_5_VL(nnx.Module):
       cache: KVCache of S slots; the new keys/values go to slots [cache_index, cache_index+T).
       logits_to_keep: if > 0, only the last that many positions get logits.
       attention_layers: decoder layers whose attention probabilities to return.
+      max_frame_patches: static bound on every image's h*w patches (`frame_patch_bound`),
+        which lets the vision tower's full-attention blocks attend block-locally;
+        computed here when image_grid_thw is concrete, pass it under jit.
     """
     cfg = self.config
     check_image_inputs(input_ids, pixel_values, image_grid_thw, cfg)
@@ -147,7 +169,7 @@ class Qwen2_5_VL(nnx.Module):
           spatial_merge_size=cfg.vision.spatial_merge_size)
     else:
       rope_deltas = jnp.zeros((b,), jnp.int32)
-    x = self.embed(input_ids, pixel_values, image_grid_thw)
+    x = self.embed(input_ids, pixel_values, image_grid_thw, max_frame_patches)
     cos, sin = rope.mrope_cos_sin(position_ids, cfg.text.head_dim, cfg.text.rope_theta,
                                   cfg.text.mrope_section, cfg.dtype)
     key_slot = jnp.arange(key_mask.shape[1])

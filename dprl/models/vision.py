@@ -85,16 +85,17 @@ class VisionAttention(nnx.Module):
     self.proj = layers.Linear(d, d, use_bias=True, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
     self.num_heads = cfg.num_heads
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment: jax.Array) -> jax.Array:
-    """x: [N, D]; cos, sin: [N, Dh]; segment: [N] (attend only within a segment)."""
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment: jax.Array,
+               block: int | None) -> jax.Array:
+    """x: [N, D]; cos, sin: [N, Dh]; segment: [N] (attend only within a segment, each at
+    most `block` long, or dense attention when block is None)."""
     n, d = x.shape
     qkv = self.qkv(x).reshape(n, 3, self.num_heads, d // self.num_heads)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     # transformers applies the vision rotary in float32 and casts back.
     q = layers.apply_rotary(q.astype(jnp.float32), cos, sin).astype(x.dtype)
     k = layers.apply_rotary(k.astype(jnp.float32), cos, sin).astype(x.dtype)
-    mask = segment[:, None] == segment[None, :]
-    out, _ = layers.attention(q[None], k[None], v[None], mask[None])
+    out = layers.segment_attention(q, k, v, segment, block)
     return self.proj(out.reshape(n, d))
 
 
@@ -108,8 +109,8 @@ class VisionBlock(nnx.Module):
     self.mlp = layers.GatedMLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act,
                                use_bias=True, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
 
-  def __call__(self, x, cos, sin, segment):
-    x = x + self.attn(self.norm1(x), cos, sin, segment)
+  def __call__(self, x, cos, sin, segment, block=None):
+    x = x + self.attn(self.norm1(x), cos, sin, segment, block)
     return x + self.mlp(self.norm2(x))
 
 
@@ -146,9 +147,13 @@ class VisionTower(nnx.Module):
     self.blocks = make_blocks(rngs)
     self.merger = PatchMerger(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
 
-  def __call__(self, pixel_values: jax.Array, image_grid_thw: jax.Array) -> jax.Array:
+  def __call__(self, pixel_values: jax.Array, image_grid_thw: jax.Array,
+               max_frame_patches: int | None = None) -> jax.Array:
     """pixel_values: [N, C*T*P*P] (processor order); image_grid_thw: [I, 3].
 
+    max_frame_patches: a static bound on h*w of every image (callers that know the grids
+      on the host pass it); the full-attention blocks then attend block-locally too.
+      Without it they use dense N x N attention masked to each frame.
     Returns the merged image features [N / merge^2, out_hidden_size], in processor order.
     """
     cfg = self.cfg
@@ -162,10 +167,15 @@ class VisionTower(nnx.Module):
     is_full = jnp.isin(jnp.arange(cfg.depth), jnp.asarray(cfg.fullatt_block_indexes, jnp.int32))
     block_def, block_state = nnx.split(self.blocks)
 
+    # A window holds at most (window / patch)^2 patches (merge units are never split).
+    window_block = (cfg.window_size // cfg.patch_size) ** 2
+
     def body(h, xs):
       state, full = xs
-      segment = jnp.where(full, lay.frame_segment, lay.window_segment)
-      return nnx.merge(block_def, state)(h, cos, sin, segment), None
+      blk = nnx.merge(block_def, state)
+      windowed = lambda h: blk(h, cos, sin, lay.window_segment, window_block)
+      frames = lambda h: blk(h, cos, sin, lay.frame_segment, max_frame_patches)
+      return jax.lax.cond(full, frames, windowed, h), None
 
     x, _ = jax.lax.scan(body, x, (block_state, is_full))
     merged = self.merger(x)

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dprl.models.qwen2_5_vl import Qwen2_5_VL, check_image_inputs
+from dprl.models.qwen2_5_vl import Qwen2_5_VL, check_image_inputs, frame_patch_bound
 from dprl.models.text import KVCache
 from dprl.sampling.processors import sample_tokens
 
@@ -59,7 +59,7 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 def _sample(state, input_ids, attention_mask, pixel_values, image_grid_thw, key, *,
-            graphdef, cfg: SamplingConfig, mesh: Mesh | None):
+            graphdef, cfg: SamplingConfig, mesh: Mesh | None, max_frame_patches: int | None):
   model: Qwen2_5_VL = nnx.merge(graphdef, state)
   mcfg = model.config
   p, t = input_ids.shape
@@ -75,7 +75,8 @@ def _sample(state, input_ids, attention_mask, pixel_values, image_grid_thw, key,
   cache = KVCache.zeros(mcfg.text, p, s, mcfg.dtype)
   cache = KVCache(*(constrain(c, P(None, "data", None, "tensor", None)) for c in cache))
   out = model(input_ids, attention_mask=key_mask, pixel_values=pixel_values,
-              image_grid_thw=image_grid_thw, cache=cache, cache_index=0, logits_to_keep=1)
+              image_grid_thw=image_grid_thw, cache=cache, cache_index=0, logits_to_keep=1,
+              max_frame_patches=max_frame_patches)
 
   # Broadcast each prompt's cache to its G samples (prompt-major rows).
   rep = lambda x, axis=0: jnp.repeat(x, g, axis=axis)
@@ -116,8 +117,9 @@ def _sample(state, input_ids, attention_mask, pixel_values, image_grid_thw, key,
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(graphdef, cfg: SamplingConfig, mesh: Mesh | None):
-  fn = functools.partial(_sample, graphdef=graphdef, cfg=cfg, mesh=mesh)
+def _compiled(graphdef, cfg: SamplingConfig, mesh: Mesh | None, max_frame_patches: int | None):
+  fn = functools.partial(_sample, graphdef=graphdef, cfg=cfg, mesh=mesh,
+                         max_frame_patches=max_frame_patches)
   return jax.jit(fn)
 
 
@@ -139,7 +141,8 @@ def _pad_patches(pixel_values: np.ndarray, grid: np.ndarray, total: int, merge: 
   if extra == 0:
     return pixel_values, grid
   pv = np.concatenate([pixel_values, np.zeros((extra, pixel_values.shape[1]), pixel_values.dtype)])
-  dummy = np.array([[1, merge, extra // merge]], grid.dtype)
+  # Frames of one merge unit each, so no attention segment grows with the padding.
+  dummy = np.array([[extra // (merge * merge), merge, merge]], grid.dtype)
   return pv, np.concatenate([grid, dummy])
 
 
@@ -188,4 +191,5 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
   if mesh is not None:
     batch_sharding = NamedSharding(mesh, P("data"))
     batch_args = [jax.device_put(a, batch_sharding) for a in batch_args]
-  return _compiled(graphdef, cfg, mesh)(state, *batch_args, pixel_values, image_grid_thw, key)
+  bound = frame_patch_bound(image_grid_thw)
+  return _compiled(graphdef, cfg, mesh, bound)(state, *batch_args, pixel_values, image_grid_thw, key)
