@@ -71,6 +71,7 @@ def make_learner(model, mesh, optimizer, schedule=None, **config):
   return learner, state
 
 
+@pytest.mark.slow
 def test_accumulated_micro_batch_gradient_is_the_whole_batch_gradient(model):
   # SGD with lr 1 makes the update minus the gradient. Old and reference log-probs are
   # off the current ones so the ratio clips and the KL has a gradient; the aggregation

@@ -1,5 +1,9 @@
 """`python -m dprl.train` on the tiny config: metrics, checkpoints, exact resume after
-SIGTERM, NaN stop, starting from earlier runs, warm start, and config errors."""
+SIGTERM, NaN stop, starting from earlier runs, warm start, and config errors.
+
+The tests that train are marked slow (each is 20-50 s on 2 busy cores, most of it the
+first compile); the config and flag tests are fast.
+"""
 
 from __future__ import annotations
 
@@ -156,6 +160,7 @@ def test_bad_values_are_named_before_anything_runs(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_writes_metrics_tensorboard_and_checkpoints(tmp_path):
   argv = ["train", f"--config={CONFIG_FILE}:tiny", f"--workdir={tmp_path}",
           *[f"--config.{k}={v}" for k, v in TEST_OVERRIDES.items()],
@@ -176,6 +181,7 @@ def test_cli_writes_metrics_tensorboard_and_checkpoints(tmp_path):
   assert json.loads((tmp_path / "config.json").read_text())["total_steps"] == 2
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_repeats_the_uninterrupted_run_exactly(uninterrupted_run,
                                                                     tmp_path):
   reference_dir, reference = uninterrupted_run
@@ -216,6 +222,7 @@ def test_metrics_of_steps_after_the_checkpoint_are_not_kept_twice(tmp_path):
                                  "d": "text"}) == ["b", "c"]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_naming_step_and_metric(tmp_path):
   HOOKS.update(calls=0, nan_from=2 * G * P + 1)  # rewards of step 3 are NaN
   with pytest.raises(train_lib.NonFiniteMetricError,
@@ -226,6 +233,7 @@ def test_nan_loss_stops_the_run_naming_step_and_metric(tmp_path):
   assert [r["step"] for r in rows] == [1, 2, 3] and math.isnan(rows[-1]["loss"])
 
 
+@pytest.mark.slow
 def test_new_runs_start_from_an_orbax_run_or_a_hugging_face_folder(uninterrupted_run,
                                                                    tmp_path):
   reference_dir, reference = uninterrupted_run
