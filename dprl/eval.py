@@ -132,11 +132,8 @@ def template_for(config: ml_collections.ConfigDict, records: Sequence[Record]
 
 def load_tokenizer(spec: str, checkpoint: str = ""):
   """config.tokenizer: "" (the checkpoint's, else Qwen2.5-VL's), "small", or a folder."""
-  if spec == "small":
-    path = tokenizer_lib.default_cache_dir() / SMALL_TOKENIZER_DIR
-    if not (path / "tokenizer.json").is_file():
-      tokenizer_lib.write_small_tokenizer(path)
-    return tokenizer_lib.load_tokenizer(path)
+  if spec in ("small", "small_words"):
+    return tokenizer_lib.load_named(spec, tokenizer_lib.default_cache_dir() / f"{SMALL_TOKENIZER_DIR}-{spec}")
   if spec:
     return tokenizer_lib.load_tokenizer(spec)
   if checkpoint and os.path.isfile(os.path.join(checkpoint, "tokenizer.json")):

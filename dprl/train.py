@@ -91,12 +91,7 @@ def make_pipeline(config: ml_collections.ConfigDict, records, tokenizer, *, batc
 
 
 def load_tokenizer(name: str, workdir: str):
-  if name == "small":
-    path = os.path.join(workdir, "tokenizer")
-    if not os.path.exists(os.path.join(path, "tokenizer.json")):
-      tokenizer_lib.write_small_tokenizer(path)
-    return tokenizer_lib.load_tokenizer(path)
-  return tokenizer_lib.load_tokenizer(name or None)
+  return tokenizer_lib.load_named(name, os.path.join(workdir, "tokenizer"))
 
 
 def token_ids(tokenizer, names: str, field: str) -> tuple[int, ...]:

@@ -106,6 +106,16 @@ SMALL_PLAIN_TOKENS = ("<think>", "</think>")
 DEFAULT_SMALL_VOCAB_CHARS = (string.digits + string.ascii_letters + string.punctuation +
                              " \n\t" + "×÷−±≤≥≠≈°π√∠△⊥∥∞²³½")
 
+# Whole-word tokens for `write_small_tokenizer(words=...)`: the chat template's roles, the
+# answer wrapper, and the synthetic benchmark's words, each also with a leading space.
+_CHAT_WORDS = ("system", "user", "assistant", "\\boxed", "Answer", "Caption")
+_BENCHMARK_WORDS = (
+    "how", "many", "red", "green", "blue", "yellow", "white", "shapes", "circles", "squares",
+    "triangles", "circle", "square", "triangle", "what", "is", "the", "value", "which", "bar",
+    "bars", "tallest", "taller", "than", "much", "color", "sides", "has", "are", "left", "from",
+    "shows", "image", "sky", "grass", "snow", "lemon", "blood")
+SMALL_WORDS = _CHAT_WORDS + _BENCHMARK_WORDS + tuple(" " + w for w in _BENCHMARK_WORDS)
+
 _CACHE_VERSION = "v1"  # bump when the folder this module writes changes
 
 
@@ -245,13 +255,16 @@ def write_qwen2_5_vl_tokenizer(out_dir: str | os.PathLike) -> pathlib.Path:
 
 
 def write_small_tokenizer(out_dir: str | os.PathLike,
-                          vocab_chars: str = DEFAULT_SMALL_VOCAB_CHARS) -> pathlib.Path:
+                          vocab_chars: str = DEFAULT_SMALL_VOCAB_CHARS,
+                          words: Sequence[str] = ()) -> pathlib.Path:
   """Writes a character-level tokenizer with Qwen's special-token strings.
 
   Ids: 0-7 `SMALL_SPECIAL_TOKENS`, 8-9 <think> </think>, 10-265 the byte-fallback tokens
   <0x00>..<0xFF> (a character outside `vocab_chars` becomes its UTF-8 bytes, so every text
   round-trips), then one id per distinct character of `vocab_chars` in order. With the
   default characters that is 382 ids. Chat template, eos and pad are Qwen2.5-VL's.
+  `words` become whole tokens after those (e.g. `SMALL_WORDS`, which shortens the demo's
+  prompts and responses about threefold; a tiny model on a CPU pays per token).
   """
   vocab: dict[str, int] = {}
   for token in (*SMALL_SPECIAL_TOKENS, *SMALL_PLAIN_TOKENS):
@@ -260,6 +273,9 @@ def write_small_tokenizer(out_dir: str | os.PathLike,
     vocab[f"<0x{byte:02X}>"] = len(vocab)
   for char in vocab_chars:
     vocab.setdefault(char, len(vocab))
+  words = [w for w in dict.fromkeys(words) if w not in vocab]
+  for word in words:
+    vocab[word] = len(vocab)
   backend = Tokenizer(BPE(vocab=vocab, merges=[], byte_fallback=True, fuse_unk=False,
                           unk_token=None))
   backend.normalizer = normalizers.NFC()
@@ -267,7 +283,7 @@ def write_small_tokenizer(out_dir: str | os.PathLike,
   # Already in the vocab, so they keep ids 0-9; adding them makes them match whole.
   backend.add_tokens(
       [AddedToken(t, special=True, normalized=False) for t in SMALL_SPECIAL_TOKENS] +
-      [AddedToken(t, special=False, normalized=False) for t in SMALL_PLAIN_TOKENS])
+      [AddedToken(t, special=False, normalized=False) for t in (*SMALL_PLAIN_TOKENS, *words)])
   tokenizer = transformers.PreTrainedTokenizerFast(
       tokenizer_object=backend,
       bos_token=None,
@@ -280,6 +296,18 @@ def write_small_tokenizer(out_dir: str | os.PathLike,
       chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
   )
   return _atomic_save(tokenizer, out_dir)
+
+
+def load_named(spec: str, folder: str | os.PathLike) -> transformers.PreTrainedTokenizerFast:
+  """A tokenizer by config name: "small" (characters), "small_words" (characters and
+  `SMALL_WORDS`), both written into `folder` on first use; "" the Qwen2.5-VL tokenizer;
+  else a tokenizer folder."""
+  if spec in ("small", "small_words"):
+    folder = pathlib.Path(folder)
+    if not (folder / "tokenizer.json").is_file():
+      write_small_tokenizer(folder, words=SMALL_WORDS if spec == "small_words" else ())
+    return load_tokenizer(folder)
+  return load_tokenizer(spec or None)
 
 
 def default_cache_dir() -> pathlib.Path:

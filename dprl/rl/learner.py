@@ -47,6 +47,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dprl.models.config import ModelConfig
+from dprl.models.qwen2_5_vl import frame_patch_bound
 from dprl.rl import advantages as advantages_lib
 from dprl.rl import losses as losses_lib
 from dprl.rl import rewards as rewards_lib
@@ -112,7 +113,7 @@ def pack_images(row_images: Sequence[RowImages], patch_dim: int, merge_size: int
                 ) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
   """Concatenates rows' images and pads to power-of-two patch and image counts.
 
-  The padding patches form one dummy image (grid (1, merge, n / merge)) after the real
+  The padding patches form one dummy image (grid (n / merge^2, merge, merge)) after the real
   ones, and the grid is padded with empty (0, 0, 0) images: the k-th image token takes the
   k-th feature row, so neither is ever read, and the real images' features are unchanged
   (attention in the vision tower stays within an image's windows).
@@ -133,7 +134,8 @@ def pack_images(row_images: Sequence[RowImages], patch_dim: int, merge_size: int
   unit = merge_size * merge_size
   if extra % unit:  # only if an image's patch count is not a multiple of merge^2
     extra += unit - extra % unit
-  dummy = [[1, merge_size, extra // merge_size]] if extra else []
+  # One-merge-unit frames: no vision attention segment grows with the padding.
+  dummy = [[extra // unit, merge_size, merge_size]] if extra else []
   pixel_values = np.concatenate([pixel_values, np.zeros((extra, patch_dim), np.float32)])
   num_grid_rows = _pow2(len(grid) + 1, 1)
   padding = np.zeros((num_grid_rows - len(grid) - len(dummy), 3), np.int32)
@@ -319,19 +321,19 @@ class Learner:
 
   # -- pure functions --------------------------------------------------------------------
 
-  def _forward(self, params, batch, with_entropy: bool = True):
+  def _forward(self, params, batch, with_entropy: bool = True, frame_bound: int | None = None):
     model = nnx.merge(self.graphdef, params, self.rest)
     return response_logprobs(
         model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
         batch["response_mask"], batch.get("pixel_values"), batch.get("image_grid_thw"),
         temperature=self.config.temperature, chunk_size=self.config.chunk_size,
-        with_entropy=with_entropy)
+        with_entropy=with_entropy, max_frame_patches=frame_bound)
 
-  def _loss_and_grad(self, params, batch, loss_name: str):
+  def _loss_and_grad(self, params, batch, loss_name: str, frame_bound: int | None = None):
     loss_fn = LOSSES[loss_name]
 
     def objective(params):
-      logp, entropy = self._forward(params, batch)
+      logp, entropy = self._forward(params, batch, frame_bound=frame_bound)
       loss_sum, denominator, metrics = loss_fn(logp, entropy, batch, self.config.loss)
       return loss_sum, (denominator, metrics)
 
@@ -340,8 +342,8 @@ class Learner:
     return {"grads": grads, "loss_sum": loss_sum, "denominator": denominator,
             "metrics": metrics}
 
-  def _accumulate(self, params, batch, acc, *, loss_name: str):
-    micro = self._loss_and_grad(params, batch, loss_name)
+  def _accumulate(self, params, batch, acc, *, loss_name: str, frame_bound: int | None = None):
+    micro = self._loss_and_grad(params, batch, loss_name, frame_bound)
     return jax.tree.map(jnp.add, acc, micro)
 
   def _apply(self, state: TrainState, acc) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -366,20 +368,23 @@ class Learner:
             **{k: jax.tree.map(lambda _: self._replicated, v)
                for k, v in abstract_acc.items() if k != "grads"}}
 
-  def _get(self, kind: str, keys: tuple[str, ...], loss_name: str | None = None):
-    cache_key = (kind, keys, loss_name)
+  def _get(self, kind: str, keys: tuple[str, ...], loss_name: str | None = None,
+           frame_bound: int | None = None):
+    """The jitted `kind` function for batches with `keys`; `frame_bound` is the static
+    `max_frame_patches` of the micro-batch's images (see `Qwen2_5_VL.__call__`)."""
+    cache_key = (kind, keys, loss_name, frame_bound)
     if cache_key in self._jitted:
       return self._jitted[cache_key]
     params_sh = self.state_shardings.params
     batch_sh = {key: self._replicated if key in IMAGE_KEYS else self._rows for key in keys}
     if kind == "logprobs":
-      fn = jax.jit(functools.partial(self._forward, with_entropy=True),
+      fn = jax.jit(functools.partial(self._forward, with_entropy=True, frame_bound=frame_bound),
                    in_shardings=(params_sh, batch_sh),
                    out_shardings=(self._rows, self._rows))
     elif kind == "accumulate":
       abstract = self._abstract_acc(keys, loss_name)
       acc_sh = self._acc_shardings(abstract)
-      fn = jax.jit(functools.partial(self._accumulate, loss_name=loss_name),
+      fn = jax.jit(functools.partial(self._accumulate, loss_name=loss_name, frame_bound=frame_bound),
                    in_shardings=(params_sh, batch_sh, acc_sh), out_shardings=acc_sh,
                    donate_argnums=(2,))
     elif kind == "apply":
@@ -428,7 +433,7 @@ class Learner:
     for rows in self._row_slices(rollout.num_rows, size):
       batch = rollout.micro_batch(rows, patch_dim=self.patch_dim, merge_size=self.merge_size)
       batch.pop("old_logp", None), batch.pop("ref_logp", None), batch.pop("advantages")
-      fn = self._get("logprobs", tuple(sorted(batch)))
+      fn = self._get("logprobs", tuple(sorted(batch)), None, frame_patch_bound(batch.get("image_grid_thw")))
       logp, entropy = fn(params, self.put_batch(batch))
       logps.append(logp), entropies.append(entropy)
     return (np.concatenate([np.asarray(x) for x in logps]),
@@ -468,12 +473,14 @@ class Learner:
           if (update_rows % micro) or offset + micro > update.stop:
             raise ValueError(f"update batches of {update_rows} rows do not split into "
                              f"micro-batches of {micro} rows (rl.micro_batch_size)")
-          batch = self.put_batch(rollout.micro_batch(
-              rows, patch_dim=self.patch_dim, merge_size=self.merge_size))
+          host_batch = rollout.micro_batch(rows, patch_dim=self.patch_dim,
+                                           merge_size=self.merge_size)
+          bound = frame_patch_bound(host_batch.get("image_grid_thw"))
+          batch = self.put_batch(host_batch)
           keys = tuple(sorted(batch))
           if acc is None:
             acc = self.zero_acc(state.params, batch, loss_name)
-          acc = self._get("accumulate", keys, loss_name)(state.params, batch, acc)
+          acc = self._get("accumulate", keys, loss_name, bound)(state.params, batch, acc)
         state, update_metrics = self._get("apply", keys, loss_name)(state, acc)
         metrics.append(update_metrics)
     return state, metrics

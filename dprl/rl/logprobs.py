@@ -106,7 +106,8 @@ def response_logprobs(model, prompt_ids: jax.Array, prompt_mask: jax.Array,
                       pixel_values: jax.Array | None = None,
                       image_grid_thw: jax.Array | None = None, *,
                       temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                      with_entropy: bool = True) -> tuple[jax.Array, jax.Array]:
+                      with_entropy: bool = True,
+                      max_frame_patches: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Teacher-forced log-probs of each response token given its (left-padded) prompt.
 
   Args:
@@ -143,7 +144,8 @@ def response_logprobs(model, prompt_ids: jax.Array, prompt_mask: jax.Array,
   attention_mask = jnp.concatenate(
       [prompt_mask.astype(jnp.int32), response_mask.astype(jnp.int32)], axis=1)
   out = model(input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-              image_grid_thw=image_grid_thw, return_hidden=True)
+              image_grid_thw=image_grid_thw, return_hidden=True,
+              max_frame_patches=max_frame_patches)
   # Position Tp - 1 + t (the last prompt token, then each response token) predicts
   # response token t.
   hidden = jax.lax.dynamic_slice_in_dim(out.hidden_states, prompt_len - 1, response_len,
