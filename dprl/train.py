@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from flax import nnx
 from absl import app, flags
 from ml_collections import config_flags
 from ml_collections.config_flags import config_flags as config_flags_impl
@@ -66,7 +67,8 @@ class NonFiniteMetricError(RuntimeError):
 def synthetic_records(data: ml_collections.ConfigDict) -> list:
   from dprl.data.synthetic import generate_split  # pylint: disable=g-import-not-at-top
   tasks = [t.strip() for t in data.tasks.split(",") if t.strip()]
-  return generate_split(tasks, "train", data.num_items, data.seed, image_size=data.image_size)
+  return generate_split(tasks, "train", data.num_items, data.seed, image_size=data.image_size,
+                        language_prior_fraction=data.language_prior_fraction)
 
 
 @DATA_SOURCES.register("jsonl")
@@ -77,6 +79,38 @@ def jsonl_records(data: ml_collections.ConfigDict) -> list:
   if not os.path.exists(data.path):
     raise FileNotFoundError(f"data.path {data.path!r} does not exist")
   return read_records(data.path, layout=data.layout)
+
+
+def held_out_evaluator(config: ml_collections.ConfigDict, tokenizer):
+  """The `eval` section as a PeriodicEval on held-out items, or None when eval.every = 0.
+
+  Items: the synthetic benchmark's test split (disjoint from the training split) for a
+  synthetic source, else `eval.path` read with `data.layout`.
+  """
+  if not config.eval.every:
+    return None
+  from dprl.evaluation.periodic import PeriodicEval  # pylint: disable=g-import-not-at-top
+  from dprl.data.templates import TemplateConfig  # pylint: disable=g-import-not-at-top
+  ev, data = config.eval, config.data
+  if ev.path:
+    from dprl.data.readers import read_records  # pylint: disable=g-import-not-at-top
+    records = read_records(ev.path, layout=data.layout)[:ev.num_items]
+  elif data.source == "synthetic" or ev.synthetic_tasks:
+    from dprl.data.synthetic import generate_split  # pylint: disable=g-import-not-at-top
+    tasks = [t.strip() for t in (ev.synthetic_tasks or data.tasks).split(",") if t.strip()]
+    records = generate_split(tasks, "test", ev.num_items, data.seed, image_size=data.image_size,
+                             language_prior_fraction=ev.language_prior_fraction)
+  else:
+    raise ValueError("eval.every > 0 needs eval.path or eval.synthetic_tasks for a "
+                     f"data.source = {data.source!r} run")
+  reward_params = {k: v for k, v in config.rl.reward.to_dict().items() if v is not None}
+  return PeriodicEval(
+      records, tokenizer, every=ev.every,
+      template=TemplateConfig(names=data.template, system_prompt=data.system_prompt),
+      max_new_tokens=config.sampling.max_new_tokens, batch_size=ev.batch_size,
+      num_samples=ev.num_samples, temperature=ev.temperature, min_pixels=data.min_pixels,
+      max_pixels=data.max_pixels, reward_fn=config.rl.reward_fn, reward_params=reward_params,
+      seed=config.seed)
 
 
 def make_pipeline(config: ml_collections.ConfigDict, records, tokenizer, *, batch_size: int,
@@ -422,8 +456,13 @@ def _train(config, workdir, mesh, tokenizer, checkpointer, sample_fn) -> RunResu
   step = int(state.step)
   rows = []
   preempted = False
+  evaluator = held_out_evaluator(config, tokenizer)
+  current_model = lambda: nnx.merge(run.learner.graphdef, state.params, run.learner.rest)
   with checkpointing.PreemptionWatcher() as watcher, metrics_lib.MetricsWriter(
       workdir, tensorboard=config.logging.tensorboard, resume_step=step) as writer:
+    if evaluator is not None and step == 0:
+      # The starting point (after any warm start), so the curves begin before RL.
+      writer.write(0, evaluator(0, current_model()))
     bar = metrics_lib.progress_bar(config.total_steps, initial=step,
                                    enabled=config.logging.progress or False)
     while step < config.total_steps:
@@ -431,6 +470,8 @@ def _train(config, workdir, mesh, tokenizer, checkpointer, sample_fn) -> RunResu
                                              rollout_cfg, step_cfg, tokenizer,
                                              sample_fn=sample_fn)
       step = int(state.step)
+      if evaluator is not None:
+        metrics.update(evaluator(step, current_model(), final=step >= config.total_steps))
       writer.write(step, metrics)
       rows.append({"step": step, **metrics})
       _check_finite(step, metrics, checkpointer)  # before saving: never save a NaN state
