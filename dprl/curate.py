@@ -39,7 +39,6 @@ import os
 import pathlib
 import re
 import shutil
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,8 +46,8 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
-from ml_collections.config_flags import config_flags as config_flags_impl
 
+from dprl import cli
 from dprl import eval as eval_lib
 from dprl.curation import difficulty
 from dprl.curation import report as report_lib
@@ -347,38 +346,12 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
   curate(flag_values.config, flag_values.workdir)
 
 
-def _config_file_argument(argv: Sequence[str]) -> str | None:
-  for i, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      return arg.split("=", 1)[1]
-    if arg == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
-
-
-def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
-                ) -> list[str]:
-  """absl's parse, with an unknown config key named by its whole path.
-
-  (ml_collections raises a bare KeyError of the key's last component.)
-  """
-  try:
-    return flag_values(list(argv))
-  except (flags.Error, AttributeError, KeyError) as e:
-    message = str(e)
-    config_file = _config_file_argument(argv)
-    if isinstance(e, (AttributeError, KeyError)) and config_file:
-      # The parser DEFINE_config_file uses: the config without the overrides.
-      config = config_flags_impl.ConfigFileFlagParser(name="config").parse(config_file)
-      message = "; ".join(eval_lib.unknown_overrides(config, argv)) or message
-    sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
-                     "Pass --helpshort or --helpfull to see help on flags.\n")
-    sys.exit(1)
+parse_flags = cli.parse_flags  # the entry point's parser (tests call it)
 
 
 def run(argv: Sequence[str] | None = None) -> None:
   define_flags(argv=argv)
-  app.run(main, argv=argv, flags_parser=parse_flags)
+  app.run(main, argv=argv, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

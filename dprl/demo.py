@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import pathlib
-import sys
 import time
 from typing import Any
 

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import pathlib
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -30,8 +29,8 @@ import ml_collections
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
-from ml_collections.config_flags import config_flags as config_flags_impl
 
+from dprl import cli
 from dprl.data import pipeline as pipeline_lib
 from dprl.data import readers
 from dprl.data import templates
@@ -321,54 +320,9 @@ def main(argv: Sequence[str]) -> None:
   evaluate(config, workdir=flags.FLAGS.workdir)
 
 
-def unknown_overrides(config: ml_collections.ConfigDict, argv: Sequence[str]) -> list[str]:
-  """Messages for the `--config.a.b` arguments that name no key of `config`."""
-  problems = []
-  for arg in argv:
-    if not arg.startswith("--config."):
-      continue
-    path = arg[len("--config."):].split("=", 1)[0]
-    node, walked = config, []
-    for part in path.split("."):
-      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        where = "config" + "".join(f".{w}" for w in walked)
-        known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-        problems.append(f"{arg}: unknown config key {path!r} ({where} has no {part!r}; "
-                        f"its keys: {known})")
-        break
-      node, walked = node[part], walked + [part]
-  return problems
-
-
-def _config_file_argument(argv: Sequence[str]) -> str | None:
-  for i, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      return arg.split("=", 1)[1]
-    if arg == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
-
-
-def _parse_flags(argv: Sequence[str]) -> list[str]:
-  """absl's parse, with an unknown config key reported by its path (ml_collections
-  raises a bare KeyError of the last component)."""
-  try:
-    return flags.FLAGS(list(argv))
-  except (flags.Error, AttributeError, KeyError) as e:
-    message = str(e)
-    config_file = _config_file_argument(argv)
-    if isinstance(e, (AttributeError, KeyError)) and config_file:
-      # The parser DEFINE_config_file uses, to name the path ml_collections does not.
-      parser = config_flags_impl.ConfigFileFlagParser(name="config")
-      message = "; ".join(unknown_overrides(parser.parse(config_file), argv)) or message
-    sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
-                     "Pass --helpshort or --helpfull to see help on flags.\n")
-    sys.exit(1)
-
-
 def run(argv: Sequence[str] | None = None) -> None:
   define_flags()
-  app.run(main, argv=argv, flags_parser=_parse_flags)
+  app.run(main, argv=argv, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,8 +31,8 @@ import ml_collections
 from flax import nnx
 from absl import app, flags
 from ml_collections import config_flags
-from ml_collections.config_flags import config_flags as config_flags_impl
 
+from dprl import cli
 from dprl import metrics as metrics_lib
 from dprl.data import tokenizer as tokenizer_lib
 from dprl.data.pipeline import Pipeline, PipelineConfig
@@ -512,50 +511,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
                       flag_values=flag_values)
 
 
-def unknown_overrides(config: ml_collections.ConfigDict, argv: Sequence[str]) -> list[str]:
-  """Messages for `--config.a.b=...` arguments that name no key of `config`."""
-  problems = []
-  for arg in argv:
-    if not arg.startswith("--config."):
-      continue
-    path = arg[len("--config."):].split("=", 1)[0]
-    node, walked = config, []
-    for part in path.split("."):
-      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        where = ".".join(["config", *walked])
-        known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-        problems.append(f"{arg}: unknown config key {path!r} ({where} has no {part!r}; "
-                        f"its keys: {known})")
-        break
-      node, walked = node[part], walked + [part]
-  return problems
-
-
-def _config_argument(argv: Sequence[str]) -> str | None:
-  for i, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      return arg.split("=", 1)[1]
-    if arg == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
-
-
-def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
-                ) -> list[str]:
-  """absl's flag parsing, with an unknown config key named by its whole path
-  (ml_collections alone names only its last component)."""
-  try:
-    return flag_values(list(argv))
-  except (flags.Error, AttributeError, KeyError) as e:
-    message = str(e)
-    config_file = _config_argument(argv)
-    if isinstance(e, (AttributeError, KeyError)) and config_file:
-      # What DEFINE_config_file parses: the config file without the overrides.
-      config = config_flags_impl.ConfigFileFlagParser(name="config").parse(config_file)
-      message = "; ".join(unknown_overrides(config, argv)) or message
-    sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
-                     "Pass --helpshort or --helpfull to see help on flags.\n")
-    sys.exit(1)
+parse_flags = cli.parse_flags  # the entry point's parser (tests call it)
 
 
 def train_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> RunResult:
@@ -581,7 +537,7 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
 def run(argv: Sequence[str] | None = None) -> None:
   """`python -m dprl.train` and the `dprl-train` console script."""
   define_flags(argv=argv)
-  app.run(main, argv=argv, flags_parser=parse_flags)
+  app.run(main, argv=argv, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":
