@@ -48,6 +48,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from dprl import cli
+from dprl import resumable
+from dprl.resumable import drop_torn_tail
 from dprl import eval as eval_lib
 from dprl.curation import difficulty
 from dprl.curation import report as report_lib
@@ -147,14 +149,7 @@ def check_scoring_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
   settings = json.loads(json.dumps(scoring_settings(config)))  # tuples -> lists
   if path.exists():
     stored = json.loads(path.read_text(encoding="utf-8"))
-    changed = []
-    for section in sorted(set(stored) | set(settings)):
-      before, now = stored.get(section), settings.get(section)
-      if isinstance(before, dict) and isinstance(now, dict):
-        changed += [f"{section}.{key}" for key in sorted(set(before) | set(now))
-                    if before.get(key) != now.get(key)]
-      elif before != now:
-        changed.append(section)
+    changed = resumable.changed_settings(stored, settings)
     if changed:
       raise difficulty.CurationError(
           f"{path}: the scores in {workdir / SCORES_FILE} were sampled with other settings "
@@ -167,29 +162,6 @@ def check_scoring_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
         "were sampled with are unknown; delete it or use a fresh --workdir")
   report_lib.write_json(settings, path)
 
-
-def drop_torn_tail(path: pathlib.Path) -> None:
-  """Cuts a last line a killed run left half-written, so appended lines start clean.
-
-  (A torn line left in place would sit between good lines after the next append, where
-  `rollout.load_results` rightly refuses it.)
-  """
-  if not path.exists() or not path.stat().st_size:
-    return
-  data = path.read_bytes()
-  if data.endswith(b"\n"):
-    return
-  cut = data.rfind(b"\n") + 1
-  try:
-    json.loads(data[cut:])
-  except ValueError:
-    log.warning("%s: dropping a half-written last line (%d bytes); its prompt is scored "
-                "again", path, len(data) - cut)
-    with path.open("r+b") as f:
-      f.truncate(cut)
-  else:  # whole, only its newline was lost
-    with path.open("ab") as f:
-      f.write(b"\n")
 
 
 def score_records(config: ml_collections.ConfigDict, workdir: pathlib.Path, model, tokenizer,

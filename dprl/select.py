@@ -51,6 +51,8 @@ import tqdm
 from absl import app, flags
 from ml_collections import config_flags
 
+from dprl import resumable
+from dprl.resumable import drop_torn_tail
 from dprl import eval as eval_lib
 from dprl.curation import attention_confidence as ace_lib
 from dprl.curation import rap
@@ -155,14 +157,7 @@ def check_scoring_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
   settings = scoring_settings(config)
   if path.exists():
     stored = json.loads(path.read_text(encoding="utf-8"))
-    changed = []
-    for section in sorted(set(stored) | set(settings)):
-      before, now = stored.get(section), settings.get(section)
-      if isinstance(before, dict) and isinstance(now, dict):
-        changed += [f"{section}.{key}" for key in sorted(set(before) | set(now))
-                    if before.get(key) != now.get(key)]
-      elif before != now:
-        changed.append(section)
+    changed = resumable.changed_settings(stored, settings)
     if changed:
       raise SelectionError(
           f"{path}: the scores in {workdir} were computed with other settings than this "
@@ -176,24 +171,6 @@ def check_scoring_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
                          "use a fresh --workdir")
   write_json(settings, path)
 
-
-def drop_torn_tail(path: pathlib.Path) -> None:
-  """Cuts a last line a killed run left half-written, so appended lines start clean."""
-  if not path.exists() or not path.stat().st_size:
-    return
-  data = path.read_bytes()
-  if data.endswith(b"\n"):
-    return
-  cut = data.rfind(b"\n") + 1
-  try:
-    json.loads(data[cut:])
-  except ValueError:
-    log.warning("%s: dropping a half-written last line (%d bytes)", path, len(data) - cut)
-    with path.open("r+b") as f:
-      f.truncate(cut)
-  else:  # whole, only its newline was lost
-    with path.open("ab") as f:
-      f.write(b"\n")
 
 
 def rollouts(config: ml_collections.ConfigDict, workdir: pathlib.Path, arm: str, model,

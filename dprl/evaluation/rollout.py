@@ -37,6 +37,7 @@ import jax
 import numpy as np
 import tqdm
 
+from dprl import resumable
 from dprl.data import image_processing
 from dprl.data import pipeline as pipeline_lib
 from dprl.data import templates
@@ -126,31 +127,12 @@ class ResultWriter:
     if overwrite or not self.path.exists():
       self.path.write_text("", encoding="utf-8")
     else:
-      _drop_torn_last_line(self.path)
+      resumable.drop_torn_tail(self.path)
 
   def __call__(self, result: ItemResult) -> None:
     with self.path.open("a", encoding="utf-8") as f:
       f.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
       f.flush()
-
-
-def _drop_torn_last_line(path: pathlib.Path) -> None:
-  """Cuts a last line a killed run left half-written (ends a whole one missing only its
-  newline), so appended lines start clean and `load_results` reads the file."""
-  data = path.read_bytes()
-  if not data or data.endswith(b"\n"):
-    return
-  keep = data.rfind(b"\n") + 1
-  try:
-    json.loads(data[keep:])
-  except ValueError:
-    log.warning("%s: dropping a torn last line (%d bytes); its item is scored again",
-                path, len(data) - keep)
-    with path.open("r+b") as f:
-      f.truncate(keep)
-  else:
-    with path.open("ab") as f:
-      f.write(b"\n")
 
 
 def load_results(path: str | os.PathLike) -> dict[str, ItemResult]:
