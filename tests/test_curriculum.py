@@ -59,3 +59,18 @@ def test_three_phases_run_resume_and_summarize(tmp_path):
   again = run_curriculum(_config(), str(tmp_path))
   assert again == json.loads((tmp_path / "summary.json").read_text())
   assert (tmp_path / "multimodal" / "metrics.jsonl").read_text() == rows_before
+
+
+def test_difficulty_prior_recipe_reads_the_curated_stages_and_hints_stage2():
+  spec = importlib.util.spec_from_file_location("dp", ROOT / "configs" / "difficulty_prior.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("cpu_demo")
+  config.curated_dir = "/runs/curate"  # one override moves both stages
+  stage1 = phase_train_config(config, "stage1", None)
+  stage2 = phase_train_config(config, "stage2", "/runs/dp/stage1/checkpoints")
+  assert stage1.data.path == "/runs/curate/stage1.jsonl"
+  assert stage2.data.path == "/runs/curate/stage2.jsonl"
+  assert "difficulty_hint" in stage2.data.template and "difficulty_hint" not in stage1.data.template
+  assert stage2.model.init_checkpoint == "/runs/dp/stage1/checkpoints"
+  assert stage1.rl.difficulty_weighting == stage2.rl.difficulty_weighting == "exp"
