@@ -15,20 +15,17 @@ base_checkpoint and each phase's data.path).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import ml_collections
+
+from dprl.cli import load_config
 
 PHASES = (("text_only", "text_only"), ("caption", "caption"), ("multimodal", "plain"))
 
 
 def _grpo(variant: str) -> ml_collections.ConfigDict:
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grpo.py")
-  spec = importlib.util.spec_from_file_location("dprl_configs_grpo", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"grpo.py:{variant}"))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -58,3 +58,9 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
     sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
                      "Pass --helpshort or --helpfull to see help on flags.\n")
     sys.exit(1)
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """A config from `path.py[:variant]`, parsed as `--config` would parse it (configs/ is a
+  folder of files, not a package, so recipes built from other recipes load them so)."""
+  return config_flags_impl.ConfigFileFlagParser(name="config").parse(spec)

@@ -30,6 +30,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from dprl import cli
 from dprl import metrics as metrics_lib
 from dprl import plots
 from dprl import train as train_lib
@@ -54,18 +55,8 @@ def warm_start_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
   return c
 
 
-def _config_module(name: str):
-  """configs/<name>.py, loaded by path (configs/ is a folder of files, not a package)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path = DEFAULT_CONFIG.parent / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(f"dprl_configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def curate_config(config: ml_collections.ConfigDict, num_samples: int) -> ml_collections.ConfigDict:
-  c = _config_module("curate").get_config()
+  c = cli.load_config(str(DEFAULT_CONFIG.parent / "curate.py"))
   data = config.data
   c.template.names = data.template
   c.template.system_prompt = data.system_prompt or ""
