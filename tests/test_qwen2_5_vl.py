@@ -115,6 +115,53 @@ def test_last_layer_attention_probabilities_match_transformers_eager(checkpoint)
   np.testing.assert_allclose(np.asarray(out.logits), plain, atol=1e-5)
 
 
+def _hf_hidden_states(hf_model, ids, mask, pv, thw):
+  """transformers' hidden states: [0] the embeddings, [l] the input of layer l."""
+  ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+  mm_types = (ids_t == IMAGE_TOKEN).int()
+  position_ids, _ = hf_model.model.get_rope_index(
+      ids_t, mm_token_type_ids=mm_types, attention_mask=mask_t,
+      image_grid_thw=torch.from_numpy(thw))
+  with torch.no_grad():
+    out = hf_model(input_ids=ids_t, attention_mask=mask_t, position_ids=position_ids,
+                   pixel_values=torch.from_numpy(pv), image_grid_thw=torch.from_numpy(thw),
+                   output_hidden_states=True)
+  return [h.numpy() for h in out.hidden_states]
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_stop_at_layer_returns_the_input_of_that_layer_as_transformers(model, hf_model, layer):
+  ids, mask, pv, thw = _inputs("images_of_different_sizes_left_padded")
+  ref = _hf_hidden_states(hf_model, ids, mask, pv, thw)[layer]
+  out = _ours(model, ids, mask, pv, thw, stop_at_layer=layer)
+  valid = mask.astype(bool)
+  assert out.logits is None
+  np.testing.assert_allclose(np.asarray(out.layer_input)[valid], ref[valid], atol=TOL, rtol=0)
+  with pytest.raises(ValueError, match="stop_at_layer 2 out of range for 2 layers"):
+    _ours(model, ids, mask, pv, thw, stop_at_layer=2)
+
+
+def test_stop_at_layer_runs_no_later_layer(model):
+  # Nothing from layer L on is in the computation: NaN weights there change nothing.
+  ids, mask, pv, thw = _inputs("one_image")
+  graphdef, state = nnx.split(model)
+  poisoned = jax.tree.map(lambda a: a.at[1].set(jnp.nan), state["model"]["layers"])
+  broken = nnx.merge(graphdef, {**state, "model": {**state["model"], "layers": poisoned}})
+  got = np.asarray(_ours(broken, ids, mask, pv, thw, stop_at_layer=1).layer_input)
+  want = np.asarray(_ours(model, ids, mask, pv, thw, stop_at_layer=1).layer_input)
+  np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("query_chunk", [1, 3, 8])
+def test_query_chunked_attention_logits_match_transformers(model, hf_model, query_chunk):
+  # 3 does not divide T, so the last chunk is padded; left padding and images as well.
+  ids, mask, pv, thw = _inputs("images_of_different_sizes_left_padded")
+  ref = hf_logits(hf_model, ids, mask, pv, thw)
+  got = np.asarray(_ours(model, ids, mask, pv, thw, query_chunk=query_chunk).logits)
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(got[valid], ref[valid], atol=TOL, rtol=0)
+
+
 def test_tied_embeddings_load_and_match(tmp_path):
   hf = make_hf_model(seed=3, tie_word_embeddings=True)
   hf.save_pretrained(tmp_path)

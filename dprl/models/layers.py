@@ -88,25 +88,64 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-              *, return_probs: bool = False) -> tuple[jax.Array, jax.Array | None]:
+              *, return_probs: bool = False, query_chunk: int | None = None
+              ) -> tuple[jax.Array, jax.Array | None]:
   """Grouped-query scaled dot-product attention.
 
   Args:
     q: [B, T, H, Dh]; k, v: [B, S, K, Dh] with H a multiple of K.
     mask: [B, T, S] (or broadcastable), True where query t may attend to key s.
+    return_probs: also return the probabilities (then computed whole, unchunked).
+    query_chunk: attend this many queries at a time (`lax.map`), so the float32 scores
+      are [B, H, query_chunk, S] rather than [B, H, T, S]; exact, as every query's softmax
+      row is its own. None: all at once.
   Returns:
     out [B, T, H, Dh] in q's dtype, and the probabilities [B, H, T, S] (float32) if asked.
   """
+  b, t, h, dh = q.shape
+  if query_chunk is not None and query_chunk < t and not return_probs:
+    return _query_chunked_attention(q, k, v, mask, query_chunk), None
+  probs = _grouped_probs(q, k, mask)  # [B, K, G, T, S]
+  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+  out = out.reshape(b, t, h, dh)
+  return out, (probs.reshape(b, h, t, -1) if return_probs else None)
+
+
+def _query_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                             chunk: int) -> jax.Array:
+  """`attention`'s output, `chunk` queries at a time: q [B, T, H, Dh] -> [B, T, H, Dh]."""
+  b, t, h, dh = q.shape
+  num_chunks = -(-t // chunk)
+  pad = num_chunks * chunk - t
+  mask = jnp.broadcast_to(mask, (b, t, k.shape[1]))
+  # Padding queries attend to nothing (a uniform row) and are cut off at the end.
+  q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))
+  q = jnp.moveaxis(q.reshape(b, num_chunks, chunk, h, dh), 1, 0)  # [C, B, chunk, H, Dh]
+  mask = jnp.moveaxis(mask.reshape(b, num_chunks, chunk, -1), 1, 0)  # [C, B, chunk, S]
+  out = jax.lax.map(lambda qm: attention(qm[0], k, v, qm[1])[0], (q, mask))
+  return jnp.moveaxis(out, 0, 1).reshape(b, num_chunks * chunk, h, dh)[:, :t]
+
+
+def attention_probs(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+  """The probabilities `attention` soft-maxes, alone (no values).
+
+  q: [B, T, H, Dh]; k: [B, S, K, Dh]; mask: [B, T, S]. Returns [B, H, T, S] float32, head
+  h reading kv head h // (H / K) as in `attention`.
+  """
+  b, t, h, _ = q.shape
+  return _grouped_probs(q, k, mask).reshape(b, h, t, -1)
+
+
+def _grouped_probs(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+  """q: [B, T, H, Dh], k: [B, S, K, Dh], mask: [B, T, S] -> [B, K, H/K, T, S] float32."""
   b, t, h, dh = q.shape
   kv_heads = k.shape[2]
   q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
   scores = scores * (dh**-0.5)
   scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
-  out = out.reshape(b, t, h, dh)
-  return out, (probs.reshape(b, h, t, -1) if return_probs else None)
+  return jax.nn.softmax(scores, axis=-1)
 
 
 def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment: jax.Array,

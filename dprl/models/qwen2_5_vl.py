@@ -31,6 +31,7 @@ class ModelOutput(NamedTuple):
   cache: KVCache | None = None
   attentions: dict[int, jax.Array] | None = None  # layer -> [B, H, T, S] float32
   hidden_states: jax.Array | None = None  # [B, T, D] after the final norm
+  layer_input: jax.Array | None = None  # [B, T, D] entering layer `stop_at_layer`
 
 
 class ImageTokenMismatchError(ValueError):
@@ -131,7 +132,9 @@ class Qwen2_5_VL(nnx.Module):
                position_ids: jax.Array | None = None, cache: KVCache | None = None,
                cache_index: jax.Array | int = 0, logits_to_keep: int = 0,
                attention_layers: tuple[int, ...] = (), return_hidden: bool = False,
-               max_frame_patches: int | None = None) -> ModelOutput:
+               max_frame_patches: int | None = None,
+               stop_at_layer: int | None = None,
+               query_chunk: int | None = None) -> ModelOutput:
     """Forward pass of a left-padded batch.
 
     Args:
@@ -148,6 +151,12 @@ class Qwen2_5_VL(nnx.Module):
       max_frame_patches: static bound on every image's h*w patches (`frame_patch_bound`),
         which lets the vision tower's full-attention blocks attend block-locally;
         computed here when image_grid_thw is concrete, pass it under jit.
+      stop_at_layer: if set (L), run decoder layers 0..L-1 only and return the residual
+        stream entering layer L as `layer_input`; logits are then None and no layer from
+        L on runs (RAP's ACE recomputes layer L's attention from it, query-chunked).
+      query_chunk: decoder attention runs this many queries at a time, so no layer holds
+        more than [B, H, query_chunk, S] float32 scores (exact; `layers.attention`).
+        Layers in `attention_layers` still compute their probabilities whole.
     """
     cfg = self.config
     check_image_inputs(input_ids, pixel_values, image_grid_thw, cfg)
@@ -174,7 +183,10 @@ class Qwen2_5_VL(nnx.Module):
                                   cfg.text.mrope_section, cfg.dtype)
     key_slot = jnp.arange(key_mask.shape[1])
     mask = (key_slot[None, None, :] <= query_slot[None, :, None]) & key_mask[:, None, :]
-    x, new_cache, attentions = self.model.run_layers(x, cos, sin, mask, cache, cache_index, attention_layers)
+    x, new_cache, attentions = self.model.run_layers(x, cos, sin, mask, cache, cache_index, attention_layers,
+                                                     stop_at_layer, query_chunk)
+    if stop_at_layer is not None:
+      return ModelOutput(None, rope_deltas, None, attentions or None, layer_input=x)
     x = self.model.norm(x)
     if logits_to_keep:
       x = x[:, -logits_to_keep:]
