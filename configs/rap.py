@@ -88,7 +88,11 @@ def base() -> ml_collections.ConfigDict:
   # Uninformative tokens, matched on the decoded token stripped and lower-cased; ""
   # means whitespace-only tokens.
   c.ace.uninformative = attention_confidence.DEFAULT_UNINFORMATIVE
-  c.ace.batch_size = 1  # rows per forward pass: bounds 4 * B * heads * T^2 bytes
+  c.ace.batch_size = 1  # rows per forward pass
+  # Queries attended at a time (every layer up to the one read, and its recomputed
+  # probabilities): no [B, heads, T, T] array, at most 4 * B * heads * query_chunk * T
+  # bytes of scores. The result does not depend on it (up to float32 summation order).
+  c.ace.query_chunk = 128
   c.ace.score_every = 32  # records per appended block of scores.jsonl
 
   # The decisions (rap.SelectionConfig); may change between reruns.

@@ -147,7 +147,10 @@ def write_json(payload: Any, path: pathlib.Path) -> None:
 def scoring_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
   settings = {key: config[key].to_dict() if isinstance(config[key], ml_collections.ConfigDict)
               else config[key] for key in SCORING_KEYS}
-  settings["ace"].pop("score_every")  # how often scores are flushed, not what they are
+  # How often scores are flushed and how many queries are attended at a time, not what
+  # the scores are (a workdir scored before query_chunk existed resumes too).
+  for key in ("score_every", "query_chunk"):
+    settings["ace"].pop(key)
   return json.loads(json.dumps(settings))  # tuples -> lists, as stored
 
 

@@ -166,7 +166,9 @@ def tiny_model(tokenizer):
   return qwen2_5_vl.init(rollout.tiny_model_config_for(tokenizer), seed=3)
 
 
-def test_teacher_forced_read_out_matches_the_models_own_attention(tiny_model):
+# None: the whole-layer read; 1, 2: ragged chunks; 5 = N; 128 > N (the default).
+@pytest.mark.parametrize("query_chunk", [None, 1, 2, 5, 128])
+def test_teacher_forced_read_out_matches_the_models_own_attention(tiny_model, query_chunk):
   rng = np.random.default_rng(0)
   # Two rows: a left-padded prompt, and a right-padded response.
   prompt_ids = rng.integers(20, 200, (2, 7)).astype(np.int32)
@@ -176,7 +178,8 @@ def test_teacher_forced_read_out_matches_the_models_own_attention(tiny_model):
   response_mask = np.ones((2, 5), np.int32)
   response_mask[0, 3:] = 0
   # The final layer (the default, -1); `resolve_layer` covers other indices.
-  got = ace.response_log_psi(tiny_model, prompt_ids, prompt_mask, response_ids, response_mask)
+  got = ace.response_log_psi(tiny_model, prompt_ids, prompt_mask, response_ids, response_mask,
+                             query_chunk=query_chunk)
   out = tiny_model(jnp.asarray(np.concatenate([prompt_ids, response_ids], 1)),
                    attention_mask=jnp.asarray(np.concatenate([prompt_mask, response_mask], 1)),
                    attention_layers=(1,), logits_to_keep=1)
@@ -188,8 +191,72 @@ def test_teacher_forced_read_out_matches_the_models_own_attention(tiny_model):
     assert np.all(np.isneginf(got[row][~mask]))
   # A row's value does not depend on its batch mates or its padding.
   alone = ace.response_log_psi(tiny_model, prompt_ids[1:, 3:], prompt_mask[1:, 3:],
-                               response_ids[1:], response_mask[1:])
+                               response_ids[1:], response_mask[1:], query_chunk=query_chunk)
   np.testing.assert_allclose(alone[0], got[1], rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+  """A tiny random transformers checkpoint (eager attention) and dprl's load of it."""
+  from hf_reference import make_hf_model  # pylint: disable=g-import-not-at-top
+  from transformers import Qwen2_5_VLForConditionalGeneration  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp("tiny_hf"))
+  make_hf_model(seed=1).save_pretrained(path)
+  hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+  return hf, qwen2_5_vl.from_pretrained(path)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+@pytest.mark.parametrize("query_chunk", [1, 3])
+def test_chunked_read_out_matches_transformers_eager_attention(hf_pair, layer, query_chunk):
+  import torch  # pylint: disable=g-import-not-at-top
+  from hf_reference import IMAGE_TOKEN, multimodal_batch  # pylint: disable=g-import-not-at-top
+  hf, ours = hf_pair
+  # Images of two sizes, left-padded prompts; the last 8 positions are the responses,
+  # row 0's right-padded to 5 tokens (3 does not divide 8: a ragged last chunk).
+  ids, mask, pv, thw = multimodal_batch([[(1, 12, 10), (1, 4, 6)], [(1, 16, 8)]], [10, 13])
+  n = 8
+  mask[0, -3:] = 0
+  ids[0, -3:] = 0
+  prompt_ids, response_ids = ids[:, :-n], ids[:, -n:]
+  prompt_mask, response_mask = mask[:, :-n], mask[:, -n:]
+  got = ace.response_log_psi(ours, prompt_ids, prompt_mask, response_ids, response_mask,
+                             pv, thw, layer=layer, query_chunk=query_chunk)
+  ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+  position_ids, _ = hf.model.get_rope_index(
+      ids_t, mm_token_type_ids=(ids_t == IMAGE_TOKEN).int(), attention_mask=mask_t,
+      image_grid_thw=torch.from_numpy(thw))
+  with torch.no_grad():
+    attentions = hf(input_ids=ids_t, attention_mask=mask_t, position_ids=position_ids,
+                    pixel_values=torch.from_numpy(pv), image_grid_thw=torch.from_numpy(thw),
+                    output_attentions=True).attentions
+  probs = attentions[layer].double().numpy().mean(1)[:, -n:, -n:]  # [B, N, N] heads averaged
+  for row in range(2):
+    valid = response_mask[row].astype(bool)
+    want = reference_psi(probs[row], valid, 2.0)
+    np.testing.assert_allclose(np.exp(got[row][valid]), want[valid], rtol=1e-4)
+    assert np.all(np.isneginf(got[row][~valid]))
+
+
+def test_chunked_pass_holds_no_whole_layer_of_attention(tokenizer):
+  # Compiled only (abstract weights): XLA's plan of the temporaries. One [B, H, T, T]
+  # float32 array is 16 MiB here; all of the chunked pass's temporaries together (6.3 MiB:
+  # a chunk's scores and probabilities, 2 MiB each, masks, activations) stay below half.
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  cfg = rollout.tiny_model_config_for(tokenizer)
+  graphdef, state = nnx.split(qwen2_5_vl.abstract(cfg))
+  prompt, response = 64, 960
+  ids = lambda n: jax.ShapeDtypeStruct((1, n), jnp.int32)
+  args = (state, ids(prompt), ids(prompt), ids(response), ids(response), None, None)
+  whole_layer = 4 * cfg.text.num_attention_heads * (prompt + response) ** 2
+
+  def temp_bytes(query_chunk):
+    fn = ace.jitted_log_psi(graphdef, cfg.text.num_hidden_layers - 1, 2.0, query_chunk)
+    return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+  assert temp_bytes(None) >= whole_layer  # the reference path does hold it
+  assert temp_bytes(128) < whole_layer / 2
 
 
 def test_score_responses_on_synthetic_records(tiny_model, tokenizer):

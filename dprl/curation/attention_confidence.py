@@ -17,14 +17,18 @@ so psi underflows even float64 long before N = 2048; `log psi_j = sum_{i >= j} (
 + log A[i, j])` stays finite. It is -inf only when some factor is exactly 0, where psi
 truly is 0.
 
-Memory. The first version reads the probabilities from the model itself
-(`model(..., attention_layers=(L,))`): the decoder scan is split around layer L, so only
-that layer materialises `[B, H, T, T]` float32, T = prompt + response length, i.e.
-`4 * B * H * T**2` bytes (Qwen2.5-VL-7B, H = 28, T = 4096: 1.9 GB per row). Batches are
-kept small (`batch_size`, default 1 in the full config) to bound it; logits are limited
-to the last position so no `[B, T, V]` array exists. Query-chunking the layer from its
-inputs would lower the bound to `[B, H, chunk, T]` but needs the layer's input hidden
-states, which the model does not expose yet.
+Memory. The model runs only up to layer L (`stop_at_layer`: the residual stream entering
+L; no later layer, no logits), and every layer before it attends `query_chunk` queries at
+a time. Layer L's attention is then recomputed from that input (its RMSNorm, q/k with
+biases, 3-D rotary, GQA, float32 softmax) for the response queries only, `query_chunk` at
+a time, each chunk adding its rows' share of `log psi_j` (`response_log_psi_from_layer`).
+No `[B, H, T, T]` array exists: the attention scores and probabilities are at most
+`[B, H, chunk, T]` float32, `4 * B * H * chunk * T` bytes (Qwen2.5-VL-7B, H = 28,
+T = 4096, chunk = 128: 59 MB per row, against 1.9 GB for the whole layer), and the largest
+arrays left are the MLP's `[B, T, intermediate]` activations. benchmarks/ace_memory.py
+measures it (XLA's memory analysis of both compiled paths). The whole-layer read
+(`model(..., attention_layers=(L,))`, `query_chunk=None`) is kept as the reference the
+tests compare with.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from flax import nnx
 from dprl.data import pipeline as pipeline_lib
 from dprl.data import tokenizer as tokenizer_lib
 from dprl.data.records import Record
+from dprl.models import layers
+from dprl.models import rope
 from dprl.rl.registry import Registry
 from dprl.sampling import bucket
 
@@ -136,23 +142,110 @@ class TokenMatcher:
     return np.asarray(flat, bool).reshape(token_ids.shape)
 
 
+def response_log_psi_from_layer(decoder_layer, hidden: jax.Array, cos: jax.Array,
+                                sin: jax.Array, key_mask: jax.Array, response_mask: jax.Array,
+                                *, sigma: float = DEFAULT_SIGMA, query_chunk: int = 128
+                                ) -> jax.Array:
+  """log psi of the response tokens from one decoder layer's input, chunked over queries.
+
+  Recomputes the layer's attention probabilities (its input_layernorm, q/k projections
+  with biases, 3-D rotary, grouped-query heads, the float32 softmax of
+  `dprl.models.layers.attention`) for the response queries only, `query_chunk` at a
+  time, and accumulates each chunk's share of `sum_{i >= j} (log sigma + log A[i, j])`:
+  the largest live array is the chunk's scores/probabilities [B, H, chunk, T] instead of
+  the layer's [B, H, T, T]. Queries are independent rows of the softmax, so chunking is
+  exact (only the order of the float32 sum over i changes).
+
+  Args:
+    decoder_layer: the `DecoderLayer` read (`TextDecoder.layer(L)`).
+    hidden: [B, T, D] the residual stream entering it, T = Tp + N (`[prompt | response]`).
+    cos, sin: [B, T, Dh] the rotary of the sequence's (3-D mrope) positions.
+    key_mask: [B, T] bool, real tokens (the model's attention mask).
+    response_mask: [B, N] bool, real response tokens (the last N positions).
+    sigma: the paper's scale.
+    query_chunk: response queries per step.
+
+  Returns:
+    [B, N] float32 log psi; -inf where response_mask is False.
+  """
+  b, t, _ = hidden.shape
+  n = response_mask.shape[1]
+  tp = t - n
+  chunk = max(1, min(query_chunk, n))
+  num_chunks = -(-n // chunk)
+  response_mask = response_mask.astype(bool)
+  key_mask = key_mask.astype(bool)
+  q, k = decoder_layer.self_attn.query_key(decoder_layer.input_layernorm(hidden), cos, sin)
+  # Only response queries are needed; pad them to whole chunks (padding rows are invalid
+  # queries and add nothing). q: [C, B, chunk, H, Dh], chunks leading for the scan.
+  pad = num_chunks * chunk - n
+  q = jnp.pad(q[:, tp:], ((0, 0), (0, pad), (0, 0), (0, 0)))
+  q = jnp.moveaxis(q.reshape(b, num_chunks, chunk, *q.shape[2:]), 1, 0)
+  query_valid = jnp.pad(response_mask, ((0, 0), (0, pad)))
+  query_valid = jnp.moveaxis(query_valid.reshape(b, num_chunks, chunk), 1, 0)  # [C, B, chunk]
+  rows = jnp.arange(num_chunks * chunk).reshape(num_chunks, chunk)  # response index i
+  key_slot = jnp.arange(t)
+  log_sigma = jnp.log(jnp.float32(sigma))
+
+  def add_chunk(total, xs):
+    q_chunk, valid_query, i = xs  # [B, chunk, H, Dh], [B, chunk], [chunk]
+    # The model's mask for these query slots: causal and the real keys.
+    mask = (key_slot[None, None, :] <= (tp + i)[None, :, None]) & key_mask[:, None, :]
+    probs = layers.attention_probs(q_chunk, k, mask)  # [B, H, chunk, T]
+    block = probs.mean(axis=1)[:, :, tp:]  # [B, chunk, N]: heads averaged, response keys
+    valid = ((i[:, None] >= jnp.arange(n)[None, :])[None]
+             & valid_query[:, :, None] & response_mask[:, None, :])
+    # log(0) = -inf is kept: a zero factor makes psi exactly 0.
+    terms = jnp.where(valid, log_sigma + jnp.log(block), 0.0)
+    return total + terms.sum(axis=1), None
+
+  total, _ = jax.lax.scan(add_chunk, jnp.zeros((b, n), jnp.float32), (q, query_valid, rows))
+  return jnp.where(response_mask, total, -jnp.inf)
+
+
 def _log_psi(state, prompt_ids, prompt_mask, response_ids, response_mask, pixel_values,
-             image_grid_thw, *, graphdef, layer: int, sigma: float):
+             image_grid_thw, *, graphdef, layer: int, sigma: float, query_chunk: int | None):
   model = nnx.merge(graphdef, state)
+  cfg = model.config
   input_ids = jnp.concatenate([prompt_ids, response_ids.astype(prompt_ids.dtype)], axis=1)
   attention_mask = jnp.concatenate([prompt_mask.astype(jnp.int32),
                                     response_mask.astype(jnp.int32)], axis=1)
-  # logits_to_keep=1: the logits are unused, and full ones would be [B, T, V].
+  if query_chunk is None:
+    # The reference path: the layer's whole [B, H, T, T] probabilities from the model.
+    # logits_to_keep=1: the logits are unused, and full ones would be [B, T, V].
+    out = model(input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                image_grid_thw=image_grid_thw, attention_layers=(layer,), logits_to_keep=1)
+    tp = prompt_ids.shape[1]
+    block = out.attentions[layer][:, :, tp:, tp:].mean(axis=1)  # [B, N, N]
+    return log_attention_confidence(block, response_mask.astype(bool), sigma)
+  # The positions once, given to the model too, so the recomputed layer sees the rotary
+  # the model's own layer L would.
+  position_ids, _ = rope.mrope_position_ids(
+      input_ids, attention_mask, image_grid_thw, image_token_id=cfg.image_token_id,
+      spatial_merge_size=cfg.vision.spatial_merge_size)
   out = model(input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-              image_grid_thw=image_grid_thw, attention_layers=(layer,), logits_to_keep=1)
-  tp = prompt_ids.shape[1]
-  block = out.attentions[layer][:, :, tp:, tp:].mean(axis=1)  # [B, N, N]
-  return log_attention_confidence(block, response_mask.astype(bool), sigma)
+              image_grid_thw=image_grid_thw, position_ids=position_ids, stop_at_layer=layer,
+              query_chunk=query_chunk)
+  cos, sin = rope.mrope_cos_sin(position_ids, cfg.text.head_dim, cfg.text.rope_theta,
+                                cfg.text.mrope_section, cfg.dtype)
+  return response_log_psi_from_layer(
+      model.model.layer(layer), out.layer_input, cos, sin, attention_mask, response_mask,
+      sigma=sigma, query_chunk=query_chunk)
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(graphdef, layer: int, sigma: float):
-  return jax.jit(functools.partial(_log_psi, graphdef=graphdef, layer=layer, sigma=sigma))
+def jitted_log_psi(graphdef, layer: int, sigma: float, query_chunk: int | None):
+  """The jitted teacher-forced pass of `response_log_psi` (layer resolved, >= 0):
+
+      f(state, prompt_ids [B, Tp], prompt_mask [B, Tp], response_ids [B, N],
+        response_mask [B, N], pixel_values [P, C] | None, image_grid_thw [I, 3] | None)
+      -> log psi [B, N] float32
+
+  One per setting (cached), so `.lower(...).compile().memory_analysis()` measures what
+  runs (benchmarks/ace_memory.py).
+  """
+  return jax.jit(functools.partial(_log_psi, graphdef=graphdef, layer=layer, sigma=sigma,
+                                   query_chunk=query_chunk))
 
 
 def resolve_layer(layer: int, num_layers: int) -> int:
@@ -164,7 +257,8 @@ def resolve_layer(layer: int, num_layers: int) -> int:
 
 def response_log_psi(model, prompt_ids, prompt_mask, response_ids, response_mask,
                      pixel_values=None, image_grid_thw=None, *, layer: int = -1,
-                     sigma: float = DEFAULT_SIGMA) -> np.ndarray:
+                     sigma: float = DEFAULT_SIGMA, query_chunk: int | None = 128
+                     ) -> np.ndarray:
   """Teacher-forces responses and returns log psi of each response token.
 
   Args:
@@ -174,10 +268,15 @@ def response_log_psi(model, prompt_ids, prompt_mask, response_ids, response_mask
     pixel_values, image_grid_thw: the prompts' images, processor format, or None.
     layer: the decoder layer whose attention is read (-1: the final layer).
     sigma: the paper's scale.
+    query_chunk: response queries per step of the recomputed layer (bounds memory to
+      [B, H, query_chunk, T]); None reads the layer's whole [B, H, T, T] probabilities
+      from the model instead (the reference path, for tests).
 
   Returns:
     [B, N] float32 log psi; -inf at padding.
   """
+  if query_chunk is not None and query_chunk < 1:
+    raise ValueError(f"query_chunk must be >= 1 or None, got {query_chunk}")
   prompt_ids, response_ids = np.asarray(prompt_ids), np.asarray(response_ids)
   if prompt_ids.ndim != 2 or response_ids.ndim != 2 or len(prompt_ids) != len(response_ids):
     raise ValueError(f"prompt_ids and response_ids must be [B, T] with one B, got "
@@ -188,7 +287,7 @@ def response_log_psi(model, prompt_ids, prompt_mask, response_ids, response_mask
     pixel_values, image_grid_thw = pad_patches(
         np.asarray(pixel_values, np.float32), np.asarray(image_grid_thw, np.int32),
         model.config.vision.spatial_merge_size)
-  log_psi = _compiled(graphdef, layer, float(sigma))(
+  log_psi = jitted_log_psi(graphdef, layer, float(sigma), query_chunk)(
       state, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32),
       jnp.asarray(response_ids, jnp.int32), jnp.asarray(response_mask, jnp.int32),
       pixel_values, image_grid_thw)
@@ -265,7 +364,9 @@ class AceConfig:
     sigma: the scale in psi_j = prod (sigma * A[i, j]).
     response: a `RESPONSE_PICKERS` name.
     uninformative: token strings counted as uninformative (see `DEFAULT_UNINFORMATIVE`).
-    batch_size: rows per forward pass; bounds the [B, H, T, T] probabilities.
+    batch_size: rows per forward pass.
+    query_chunk: queries attended at a time, in the layers before the one read and in
+      its recomputed probabilities: bounds them to [batch_size, H, query_chunk, T].
   """
 
   layer: int = -1
@@ -273,6 +374,7 @@ class AceConfig:
   response: str = "first"
   uninformative: tuple[str, ...] = DEFAULT_UNINFORMATIVE
   batch_size: int = 1
+  query_chunk: int = 128
 
   def __post_init__(self):
     object.__setattr__(self, "uninformative", tuple(self.uninformative))
@@ -281,6 +383,8 @@ class AceConfig:
       raise ValueError(f"ace sigma must be > 0, got {self.sigma}")
     if self.batch_size < 1:
       raise ValueError(f"ace batch_size must be >= 1, got {self.batch_size}")
+    if self.query_chunk < 1:
+      raise ValueError(f"ace query_chunk must be >= 1, got {self.query_chunk}")
 
 
 class AceScore(NamedTuple):
@@ -346,7 +450,7 @@ def score_responses(model, tokenizer, records: Sequence[Record], responses: Sequ
         model, batch["input_ids"], batch["attention_mask"], response_ids, response_mask,
         batch["pixel_values"] if has_images else None,
         batch["image_grid_thw"] if has_images else None, layer=config.layer,
-        sigma=config.sigma)
+        sigma=config.sigma, query_chunk=config.query_chunk)
     uninformative = matcher(response_ids) & response_mask.astype(bool)
     best, where = max_over(log_psi, uninformative)
     for row in range(len(examples)):
