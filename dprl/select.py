@@ -6,15 +6,17 @@ ones with reasoning activation potential.
 
 For each record: M rollouts with image + question and M with the question alone
 (`dprl.evaluation.rollout`), giving CDE's `D = acc_mm - acc_text`; then one image-prompt
-response is teacher-forced and ACE's largest attention confidence over uninformative
-tokens is read (`dprl.curation.attention_confidence`). `dprl.curation.rap.select` then
+response is teacher-forced, as the token ids that were sampled, and ACE's largest
+attention confidence over uninformative tokens is read
+(`dprl.curation.attention_confidence`). `dprl.curation.rap.select` then
 applies CDE, ACE and DRM to the scores.
 
 Writes into WORKDIR:
   scoring_config.json  the settings the scores depend on; a rerun must match them
   rollouts_mm.jsonl, rollouts_text.jsonl
-                       one `ItemResult` a line (M responses, correct, rewards), appended
-                       as prompts are sampled, resumed chunk by chunk
+                       one `ItemResult` a line (M responses and their sampled token
+                       ids, correct, rewards), appended as prompts are sampled, resumed
+                       chunk by chunk
   scores.jsonl         one `rap.SampleScore` a line (id, acc_mm, acc_text, D, max_psi,
                        ...), appended as samples are scored; a rerun skips scored ids
   decisions.jsonl      every scored sample with its tests and final reason (kept or why
@@ -60,6 +62,7 @@ from dprl.data import pipeline as pipeline_lib
 from dprl.data import readers
 from dprl.data import templates
 from dprl.data import tfds_builder
+from dprl.data import tokenizer as tokenizer_lib
 from dprl.data.records import Record
 from dprl.evaluation import rollout as rollout_lib
 
@@ -220,16 +223,24 @@ def score_records(config: ml_collections.ConfigDict, workdir: pathlib.Path, mode
     matcher = ace_lib.TokenMatcher(tokenizer, ace_settings.uninformative)
     prompts = pipeline_config(config, model.config)
     pick = ace_lib.RESPONSE_PICKERS[ace_settings.response]
+    eos_id = tokenizer_lib.SpecialTokenIds.from_tokenizer(tokenizer).eos
+    without_ids = sum(mm[r.id].response_token_ids is None for r in todo)
+    if without_ids:
+      log.warning(
+          "%s: %d of %d records' rollouts were stored without their sampled token ids "
+          "(written by an older dprl); ACE re-encodes their text instead, which may "
+          "segment it otherwise than the sampler did. Delete %s and %s to resample them",
+          workdir / ROLLOUT_FILES["mm"], without_ids, len(todo), ROLLOUT_FILES["mm"],
+          SCORES_FILE)
     step = max(1, config.ace.score_every)
     with tqdm.tqdm(total=len(todo), unit="item", desc="ace", disable=not config.progress,
                    dynamic_ncols=True) as bar:
       for start in range(0, len(todo), step):
         block = todo[start:start + step]
         picked = [pick(mm[r.id].correct, mm[r.id].response_lengths) for r in block]
-        # Generation stops before max_new_tokens only on an end token.
         ace_scores = ace_lib.score_responses(
-            model, tokenizer, block, [mm[r.id].responses[k] for r, k in zip(block, picked)],
-            [mm[r.id].response_lengths[k] < config.rollout.max_new_tokens
+            model, tokenizer, block,
+            [teacher_forced_ids(mm[r.id], k, tokenizer, eos_id, config.rollout.max_new_tokens)
              for r, k in zip(block, picked)],
             pipeline_config=prompts, config=ace_settings, matcher=matcher)
         new = [sample_score(record, mm[record.id], text[record.id], a)
@@ -238,6 +249,17 @@ def score_records(config: ml_collections.ConfigDict, workdir: pathlib.Path, mode
         done.update((s.id, s) for s in new)
         bar.update(len(block))
   return [done[record.id] for record in records if record.id in done]
+
+
+def teacher_forced_ids(result: rollout_lib.ItemResult, k: int, tokenizer, eos_id: int,
+                       max_new_tokens: int) -> list[int]:
+  """Response k's ids for ACE: the sampled ones, else (an older rollouts file) its text
+  encoded again, with the end token put back if it stopped before `max_new_tokens` (only
+  an end token stops generation earlier)."""
+  if result.response_token_ids is not None:
+    return list(result.response_token_ids[k])
+  return ace_lib.response_token_ids(tokenizer, result.responses[k],
+                                    result.response_lengths[k] < max_new_tokens, eos_id)
 
 
 def sample_score(record: Record, mm: rollout_lib.ItemResult, text: rollout_lib.ItemResult,

@@ -259,35 +259,82 @@ def test_chunked_pass_holds_no_whole_layer_of_attention(tokenizer):
   assert temp_bytes(128) < whole_layer / 2
 
 
-def test_score_responses_on_synthetic_records(tiny_model, tokenizer):
+def spelt_out(tokenizer, text: str) -> list[int]:
+  """`text` as one id per character, as a sampler may produce it: for "<think>" that is 7
+  ids where encoding the text again gives the single <think> token."""
+  return [i for char in text for i in tokenizer.encode(char, add_special_tokens=False)]
+
+
+def model_psi(model, example, response: list[int]) -> np.ndarray:
+  """psi of `response` after `example`'s prompt: the NumPy product over the model's own
+  final-layer attention, unbatched, without padding of any kind."""
+  ids = np.concatenate([example["input_ids"], response])[None]
+  out = model(jnp.asarray(ids), pixel_values=jnp.asarray(example["pixel_values"]),
+              image_grid_thw=jnp.asarray(example["image_grid_thw"], jnp.int32),
+              attention_layers=(1,), logits_to_keep=1)
+  n = len(response)
+  probs = np.asarray(out.attentions[1], np.float64)[0].mean(0)[-n:, -n:]
+  return reference_psi(probs, np.ones(n, bool), 2.0)
+
+
+def test_score_responses_teacher_forces_the_given_ids(tiny_model, tokenizer):
   records = synthetic.generate_split("count_color", "train", 3, seed=0)
   config = pipeline_lib.PipelineConfig(
       template=templates.TemplateConfig(names=("plain",)), min_pixels=28 * 28,
       max_pixels=56 * 56, max_prompt_length=512, shuffle=False)
-  responses = ["<think>there are 3</think> \\boxed{3}", "so, the answer: 2", "xyz"]
+  eos = tok_lib.SpecialTokenIds.from_tokenizer(tokenizer).eos
+  # Response 0 as sampled: "<think>" spelt out, which encoding its text again would not
+  # reproduce; response 1 stopped without an end token; response 2 has no uninformative
+  # token.
+  text = "<think>there are 3</think> \\boxed{3}"
+  sampled = spelt_out(tokenizer, "<think>") + tokenizer.encode(
+      text[len("<think>"):], add_special_tokens=False) + [eos]
+  reencoded = ace.response_token_ids(tokenizer, text, True, eos)
+  assert tokenizer.decode(sampled, skip_special_tokens=True) == text
+  assert reencoded != sampled and len(reencoded) == len(sampled) - 6
+  responses = [sampled, tokenizer.encode("so, the answer: 2", add_special_tokens=False),
+               tokenizer.encode("xyz", add_special_tokens=False) + [eos]]
   scores = ace.score_responses(tiny_model, tokenizer, records, responses,
-                               [True, False, True], pipeline_config=config,
-                               config=ace.AceConfig(batch_size=2))
+                               pipeline_config=config, config=ace.AceConfig(batch_size=2))
   assert len(scores) == 3
   for score in scores[:2]:
     assert score.token.strip().lower() in ace.DEFAULT_UNINFORMATIVE
     assert np.isfinite(score.log_max_psi) and score.position >= 0
   assert scores[2] == ace.AceScore(-math.inf, "", -1)  # "xyz" has no uninformative token
 
-  # Record 0 against the model's own attention, unbatched and without the patch padding
-  # (its 16 patches are padded to 64 inside `response_log_psi`).
+  # Record 0 against the model's own attention over exactly the sampled ids, unbatched and
+  # without the patch padding (its 16 patches are padded to 64 inside `response_log_psi`).
   example = pipeline_lib.RecordToExample(tokenizer, config,
                                          pipeline_lib.BadRecordReport()).example(records[0])
-  eos = tok_lib.SpecialTokenIds.from_tokenizer(tokenizer).eos
-  response = ace.response_token_ids(tokenizer, responses[0], True, eos)
-  ids = np.concatenate([example["input_ids"], response])[None]
-  out = tiny_model(jnp.asarray(ids), pixel_values=jnp.asarray(example["pixel_values"]),
-                   image_grid_thw=jnp.asarray(example["image_grid_thw"], jnp.int32),
-                   attention_layers=(1,), logits_to_keep=1)
-  n = len(response)
-  probs = np.asarray(out.attentions[1], np.float64)[0].mean(0)[-n:, -n:]
-  psi = reference_psi(probs, np.ones(n, bool), 2.0)
-  uninformative = ace.TokenMatcher(tokenizer)(np.asarray(response))
-  assert scores[0].log_max_psi == pytest.approx(np.log(psi[uninformative].max()), rel=1e-4)
+  matcher = ace.TokenMatcher(tokenizer)
+  uninformative = matcher(np.asarray(sampled))
+  want = model_psi(tiny_model, example, sampled)[uninformative]
+  assert scores[0].log_max_psi == pytest.approx(np.log(want.max()), rel=1e-4)
+  assert scores[0].position == np.flatnonzero(uninformative)[np.argmax(want)]
+  # ... and not over the re-encoded text, which gives another value.
+  other = model_psi(tiny_model, example, reencoded)[matcher(np.asarray(reencoded))]
+  assert not np.isclose(np.log(other.max()), scores[0].log_max_psi, rtol=1e-3)
   assert eos not in ace.response_token_ids(tokenizer, "ab", False, eos)
   assert ace.response_token_ids(tokenizer, "ab", True, eos)[-1] == eos
+
+
+def test_a_sampled_vision_placeholder_ends_the_teacher_forced_response(tiny_model, tokenizer):
+  image_pad = tiny_model.config.image_token_id
+  vision = (image_pad, tiny_model.config.video_token_id)
+  assert ace.end_before_vision_tokens([300, 301, image_pad, 302], vision) == [300, 301]
+  assert ace.end_before_vision_tokens([300, 301], vision) == [300, 301]
+  # In a batch, a placeholder in one row's response would take an image feature that
+  # belongs to the next row; cut, both rows score as they do alone.
+  records = synthetic.generate_split("count_color", "train", 2, seed=1)
+  config = pipeline_lib.PipelineConfig(
+      template=templates.TemplateConfig(names=("plain",)), min_pixels=28 * 28,
+      max_pixels=56 * 56, max_prompt_length=512, shuffle=False)
+  words = tokenizer.encode("a, b. c", add_special_tokens=False)
+  together = ace.score_responses(tiny_model, tokenizer, records,
+                                 [words + [image_pad] + words, words],
+                                 pipeline_config=config, config=ace.AceConfig(batch_size=2))
+  alone = [ace.score_responses(tiny_model, tokenizer, [r], [words], pipeline_config=config)[0]
+           for r in records]
+  for got, want in zip(together, alone):
+    assert got.position == want.position
+    assert got.log_max_psi == pytest.approx(want.log_max_psi, rel=1e-4)

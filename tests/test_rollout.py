@@ -3,6 +3,7 @@ determinism by seed, resumption from a results file, the per-item callback."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -70,6 +71,8 @@ def test_rollout_gives_k_scored_responses_per_record_in_record_order(full_run, r
     assert all(1 <= n <= SAMPLING["max_new_tokens"] for n in result.response_lengths)
     assert all(isinstance(text, str) for text in result.responses)
     assert result.pass_rate == np.mean(result.correct)
+    # The sampled ids are kept, one per generated token.
+    assert [len(ids) for ids in result.response_token_ids] == result.response_lengths
 
 
 def test_rollout_is_deterministic_by_seed(model, tokenizer, records, full_run):
@@ -150,6 +153,48 @@ def test_responses_are_decoded_with_think_kept_and_scored_per_item(
     assert result.correct == [result.answer == answers[0], False]
     # math reward: 0.9 accuracy + 0.1 format (think block, then a boxed answer).
     assert result.rewards == pytest.approx([0.9 * (result.answer == answers[0]) + 0.1, 0.1])
+
+
+def test_sampled_ids_are_kept_where_encoding_the_text_again_differs(
+    model, tokenizer, records, monkeypatch, tmp_path):
+  # A sampler may spell "<think>" out character by character; its text encodes back to the
+  # single <think> token, so only the kept ids say what was sampled.
+  eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+  spelt = [i for c in "<think>" for i in tokenizer.encode(c, add_special_tokens=False)]
+  sampled = spelt + tokenizer.encode(" 7", add_special_tokens=False) + [eos]
+
+  def generate(model, input_ids, attention_mask, pixel_values, image_grid_thw, *,
+               num_samples, **kwargs):
+    del model, attention_mask, pixel_values, image_grid_thw, kwargs
+    rows = len(input_ids) * num_samples
+    tokens = np.zeros((rows, len(sampled) + 3), np.int32)  # padded after the end token
+    tokens[:, :len(sampled)] = sampled
+    lengths = np.full((rows,), len(sampled), np.int32)
+    mask = (np.arange(tokens.shape[1]) < lengths[:, None]).astype(np.int32)
+    return SampleOutput(tokens, np.zeros(tokens.shape, np.float32), lengths, mask)
+
+  monkeypatch.setattr(ro, "generate", generate)
+  path = tmp_path / "items.jsonl"
+  results = ro.rollout_records(model, tokenizer, records[:2], num_samples=2, batch_size=2,
+                               on_result=ro.ResultWriter(path), progress=False)
+  for result in results:
+    assert result.responses == ["<think> 7"] * 2
+    assert result.response_token_ids == [sampled] * 2
+    assert tokenizer.encode(result.responses[0], add_special_tokens=False) + [eos] != sampled
+  assert list(ro.load_results(path).values()) == results  # kept in the resumable file
+
+
+def test_results_written_before_token_ids_were_kept_still_load(full_run, tmp_path):
+  old = {k: v for k, v in full_run[0].to_json().items() if k != "response_token_ids"}
+  path = tmp_path / "items.jsonl"
+  path.write_text(json.dumps(old) + "\n")
+  (loaded,) = ro.load_results(path).values()
+  assert loaded.response_token_ids is None
+  assert loaded == dataclasses.replace(full_run[0], response_token_ids=None)
+  broken = full_run[0].to_json()
+  broken["response_token_ids"] = [ids[:-1] for ids in broken["response_token_ids"]]
+  with pytest.raises(ValueError, match=r"f.jsonl:3: result .* response_token_ids of lengths"):
+    ro.ItemResult.from_json(broken, "f.jsonl:3")
 
 
 def test_text_only_template_samples_without_images(model, tokenizer, records, monkeypatch):

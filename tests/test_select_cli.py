@@ -32,6 +32,7 @@ from dprl.data import tokenizer as tok_lib
 from dprl.evaluation import rollout
 from dprl.models import qwen2_5_vl
 from dprl.rl import rewards
+from dprl.sampling import SampleOutput
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _SPEC = importlib.util.spec_from_file_location("rap_config", REPO / "configs" / "rap.py")
@@ -186,6 +187,57 @@ def test_resumed_run_scores_only_the_rest_and_matches(first_run, model, tokenize
   assert report["counts"] == first_run[1]["counts"]
   assert read_jsonl(workdir / "rollouts_text.jsonl") == read_jsonl(
       first_run[0] / "rollouts_text.jsonl")
+
+
+def test_ace_teacher_forces_the_sampled_ids_and_falls_back_for_old_rollouts(
+    model, tokenizer, tmp_path, monkeypatch, caplog):
+  # Every rollout samples "<think>" spelt out character by character, then " 3." and the
+  # end token: its text would encode back to the single <think> token.
+  eos = tok_lib.SpecialTokenIds.from_tokenizer(tokenizer).eos
+  spelt = [i for c in "<think>" for i in tokenizer.encode(c, add_special_tokens=False)]
+  sampled = spelt + tokenizer.encode(" 3.", add_special_tokens=False) + [eos]
+
+  def generate(model, input_ids, attention_mask, pixel_values, image_grid_thw, *,
+               num_samples, **kwargs):
+    del model, attention_mask, pixel_values, image_grid_thw, kwargs
+    rows = len(input_ids) * num_samples
+    tokens = np.tile(np.asarray(sampled, np.int32), (rows, 1))
+    lengths = np.full((rows,), len(sampled), np.int32)
+    return SampleOutput(tokens, np.zeros(tokens.shape, np.float32), lengths,
+                        np.ones(tokens.shape, np.int32))
+
+  monkeypatch.setattr(rollout, "generate", generate)
+  config = tiny_config()
+  config.data.max_items = 2
+  config.rollout.max_new_tokens = len(sampled)  # "ended" is then unknowable from lengths
+  records = synthetic.generate_split("count_color", "train", 2, seed=0)
+  prompts = select_lib.pipeline_config(config, model.config)
+  settings = select_lib.ace_config(config)
+  reencoded = ace_lib.response_token_ids(tokenizer, "<think> 3.", True, eos)
+  assert reencoded != sampled
+  want = ace_lib.score_responses(model, tokenizer, records, [sampled] * 2,
+                                 pipeline_config=prompts, config=settings)
+  fallback = ace_lib.score_responses(model, tokenizer, records, [reencoded[:-1]] * 2,
+                                     pipeline_config=prompts, config=settings)
+  assert [a.log_max_psi for a in want] != pytest.approx([a.log_max_psi for a in fallback])
+
+  workdir = tmp_path / "sampled"
+  scores = select_lib.score_records(config, workdir, model, tokenizer, records)
+  assert [s.log_max_psi for s in scores] == pytest.approx([a.log_max_psi for a in want])
+  assert [s.max_psi_token for s in scores] == [a.token for a in want]
+  stored = read_jsonl(workdir / "rollouts_mm.jsonl")
+  assert all(row["response_token_ids"] == [sampled] * 4 for row in stored)
+
+  # A workdir from before the ids were kept: the text is encoded again (no end token, as
+  # the response used all max_new_tokens), with a warning saying so.
+  for row in stored:
+    del row["response_token_ids"]
+  (workdir / "rollouts_mm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stored))
+  os.remove(workdir / "scores.jsonl")
+  with caplog.at_level("WARNING", logger=select_lib.log.name):
+    scores = select_lib.score_records(config, workdir, model, tokenizer, records)
+  assert "2 of 2 records' rollouts were stored without their sampled token ids" in caplog.text
+  assert [s.log_max_psi for s in scores] == pytest.approx([a.log_max_psi for a in fallback])
 
 
 @pytest.mark.slow

@@ -396,19 +396,34 @@ class AceScore(NamedTuple):
 
 
 def response_token_ids(tokenizer, response: str, ended: bool, eos_id: int) -> list[int]:
-  """The ids to teacher-force for a decoded response.
+  """Ids for a decoded response, for rollouts stored without their sampled ids.
 
-  Rollouts return text with special tokens removed, so the text is encoded again (the
-  same segmentation the sampler produced for the small tokenizer; byte-level BPE may
-  segment a sampled text differently) and the end-of-turn token is put back when the
-  response stopped on it.
+  A fallback: the text (special tokens removed) is encoded again and the end-of-turn
+  token put back when the response stopped on it. Byte-level BPE may segment the text
+  otherwise than the sampler did (a word spelt out piece by piece comes back as one
+  token), and special tokens the model sampled are gone, so ACE then measures another
+  sequence; `ItemResult.response_token_ids` are the ids to use.
   """
   ids = tokenizer.backend_tokenizer.encode(response, add_special_tokens=False).ids
   return ids + [eos_id] if ended else ids
 
 
-def score_responses(model, tokenizer, records: Sequence[Record], responses: Sequence[str],
-                    ended: Sequence[bool], *, pipeline_config: pipeline_lib.PipelineConfig,
+def end_before_vision_tokens(token_ids: Sequence[int], vision_token_ids: Iterable[int]
+                             ) -> list[int]:
+  """The response up to, not including, its first image/video placeholder id.
+
+  A sampled placeholder cannot be teacher-forced as the sampler fed it: in `input_ids`
+  the model reads every placeholder as the slot of the next image feature, counted over
+  the batch, which would shift other rows' image features (see `dprl.rl.logprobs`).
+  """
+  vision = set(int(t) for t in vision_token_ids)
+  ids = [int(t) for t in token_ids]
+  return next((ids[:k] for k, t in enumerate(ids) if t in vision), ids)
+
+
+def score_responses(model, tokenizer, records: Sequence[Record],
+                    responses: Sequence[Sequence[int]], *,
+                    pipeline_config: pipeline_lib.PipelineConfig,
                     config: AceConfig = AceConfig(), matcher: TokenMatcher | None = None
                     ) -> list[AceScore]:
   """ACE of one sampled response per record, prompted as the rollouts were.
@@ -416,20 +431,23 @@ def score_responses(model, tokenizer, records: Sequence[Record], responses: Sequ
   Args:
     model, tokenizer: the base model and its tokenizer.
     records: the prompts' records (all must make valid prompts).
-    responses: one decoded response per record.
-    ended: whether each response stopped on the end-of-turn token.
+    responses: one response per record as the sampled token ids
+      (`ItemResult.response_token_ids[k]`, the end token included when it stopped on
+      one); teacher-forced as they are, up to a first vision placeholder
+      (`end_before_vision_tokens`).
     pipeline_config: the prompt settings of the rollouts (template, pixel bounds).
     config: ACE settings.
     matcher: the uninformative-token matcher (default: from `config.uninformative`).
 
   Returns:
-    One `AceScore` per record, in order.
+    One `AceScore` per record, in order; positions index the response's ids.
   """
-  if not len(records) == len(responses) == len(ended):
-    raise ValueError(f"{len(records)} records, {len(responses)} responses and {len(ended)} "
-                     "ended flags: need one of each per record")
+  if len(records) != len(responses):
+    raise ValueError(f"{len(records)} records and {len(responses)} responses: need one "
+                     "response per record")
   matcher = matcher or TokenMatcher(tokenizer, config.uninformative)
   special = tokenizer_lib.SpecialTokenIds.from_tokenizer(tokenizer)
+  vision = (model.config.image_token_id, model.config.video_token_id)
   report = pipeline_lib.BadRecordReport()
   to_example = pipeline_lib.RecordToExample(tokenizer, pipeline_config, report)
   patch_dim = 3 * pipeline_config.temporal_patch_size * pipeline_config.patch_size ** 2
@@ -437,8 +455,7 @@ def score_responses(model, tokenizer, records: Sequence[Record], responses: Sequ
   for start in range(0, len(records), config.batch_size):
     stop = min(start + config.batch_size, len(records))
     examples = [to_example.example(r) for r in records[start:stop]]
-    tokens = [response_token_ids(tokenizer, responses[i], ended[i], special.eos)
-              for i in range(start, stop)]
+    tokens = [end_before_vision_tokens(responses[i], vision) for i in range(start, stop)]
     # Padding rows (copies of the last) keep one batch shape for jit.
     fill = config.batch_size - len(examples)
     batch = pipeline_lib.collate(examples + [examples[-1]] * fill, pad_id=special.pad,

@@ -9,7 +9,8 @@ Records become prompts exactly as in training: the pipeline's per-record step
 (`dprl.data.pipeline.RecordToExample`: template, chat template, image preprocessing,
 image-token expansion) and its `collate` (left padding to a length bucket). Responses are
 decoded without special tokens (so `<|im_end|>` goes and `<think>` stays) and scored by
-`dprl.rl.rewards.score_responses`.
+`dprl.rl.rewards.score_responses`; their sampled token ids are kept beside the text
+(`ItemResult.response_token_ids`), for teacher-forcing exactly what was sampled.
 
 Determinism and resumption. Records are cut into fixed chunks of `batch_size` in the
 order given, and chunk i samples with `fold_in(key(seed), i)`; a chunk short of
@@ -63,6 +64,11 @@ class ItemResult:
     correct: K booleans, whether each final answer matched `answer`.
     rewards: K rewards of the configured reward function.
     response_lengths: K generated-token counts, the end-of-turn token included.
+    response_token_ids: K lists of the sampled ids, response_lengths[k] each (the end
+      token included when the response stopped on one): what teacher-forcing must feed
+      back (RAP's ACE), since encoding the decoded text again may segment it otherwise
+      and loses special tokens. None for results read from files written before the
+      ids were kept.
   """
 
   id: str
@@ -73,6 +79,7 @@ class ItemResult:
   correct: list[bool]
   rewards: list[float]
   response_lengths: list[int]
+  response_token_ids: list[list[int]] | None = None
 
   @property
   def num_samples(self) -> int:
@@ -93,7 +100,8 @@ class ItemResult:
   @classmethod
   def from_json(cls, obj: Mapping[str, Any], where: str = "<json>") -> ItemResult:
     """Parses `to_json`'s dict; `where` (e.g. "file:line") names the source in errors."""
-    fields = [f.name for f in dataclasses.fields(cls)]
+    optional = {"response_token_ids"}  # absent from files written before it was kept
+    fields = [f.name for f in dataclasses.fields(cls) if f.name not in optional]
     missing = [name for name in fields if name not in obj]
     if missing:
       raise ValueError(f"{where}: result is missing field(s) {missing}")
@@ -101,11 +109,19 @@ class ItemResult:
     sizes = {name: len(obj[name]) for name in lists}
     if len(set(sizes.values())) != 1:
       raise ValueError(f"{where}: result {obj['id']!r} has lists of unequal lengths {sizes}")
+    token_ids = obj.get("response_token_ids")
+    if token_ids is not None:
+      token_ids = [[int(t) for t in ids] for ids in token_ids]
+      if [len(ids) for ids in token_ids] != [int(n) for n in obj["response_lengths"]]:
+        raise ValueError(f"{where}: result {obj['id']!r} has response_token_ids of lengths "
+                         f"{[len(ids) for ids in token_ids]}, response_lengths are "
+                         f"{obj['response_lengths']}")
     return cls(id=str(obj["id"]), source=str(obj["source"]), level=obj["level"],
                answer=str(obj["answer"]), responses=[str(r) for r in obj["responses"]],
                correct=[bool(c) for c in obj["correct"]],
                rewards=[float(r) for r in obj["rewards"]],
-               response_lengths=[int(n) for n in obj["response_lengths"]])
+               response_lengths=[int(n) for n in obj["response_lengths"]],
+               response_token_ids=token_ids)
 
 
 # ---------------------------------------------------------------------------------------
@@ -401,6 +417,7 @@ def _sample_and_score(model, tokenizer, chunk: _Chunk, *, key, num_samples: int,
   tokens = np.asarray(out.tokens)[:rows]
   lengths = np.asarray(out.lengths)[:rows]
   responses = decode_responses(tokenizer, tokens, lengths)
+  token_ids = [row[:n].tolist() for row, n in zip(tokens, lengths)]
   answers = batch["answer"][:chunk.num_real]
   references = [answer for answer in answers for _ in range(num_samples)]
   rewards, correct = rewards_lib.score_responses(responses, references, reward_fn,
@@ -413,7 +430,8 @@ def _sample_and_score(model, tokenizer, chunk: _Chunk, *, key, num_samples: int,
         answer=batch["answer"][p], responses=responses[group],
         correct=[bool(c) for c in correct[group]],
         rewards=[float(r) for r in rewards[group]],
-        response_lengths=[int(n) for n in lengths[group]]))
+        response_lengths=[int(n) for n in lengths[group]],
+        response_token_ids=token_ids[group]))
   return results
 
 
