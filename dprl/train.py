@@ -37,7 +37,7 @@ from dprl import metrics as metrics_lib
 from dprl.data import tokenizer as tokenizer_lib
 from dprl.data.pipeline import Pipeline, PipelineConfig
 from dprl.models import qwen2_5_vl
-from dprl.models.config import ModelConfig, from_hf_dict, get_preset, to_hf_dict
+from dprl.models.config import ModelConfig, VisionConfig, from_hf_dict, get_preset, to_hf_dict
 from dprl.parallel.mesh import make_mesh
 from dprl.rl import checkpointing
 from dprl.rl import learner as learner_lib
@@ -113,9 +113,13 @@ def held_out_evaluator(config: ml_collections.ConfigDict, tokenizer):
 
 
 def make_pipeline(config: ml_collections.ConfigDict, records, tokenizer, *, batch_size: int,
-                  seed: int) -> Pipeline:
+                  seed: int, vision: VisionConfig) -> Pipeline:
+  """Training batches; patches and image tokens are cut for `vision`, the model's tower
+  (a preset may merge 1x1 instead of 2x2 patches)."""
   data = config.data
   pipeline_config = PipelineConfig(
+      patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+      merge_size=vision.spatial_merge_size,
       batch_size=batch_size, seed=seed, shuffle=True, num_epochs=None, drop_remainder=True,
       template={"names": data.template, "system_prompt": data.system_prompt},
       min_pixels=data.min_pixels, max_pixels=data.max_pixels,
@@ -326,14 +330,14 @@ def _check_finite(step: int, metrics: dict[str, Any], checkpointer) -> None:
       f"stopping without saving this state; {kept}")
 
 
-def warm_start(config, learner_factory, params, records, tokenizer, workdir):
+def warm_start(config, learner_factory, params, records, tokenizer, workdir, vision):
   """`sft.steps` supervised steps from `params`; returns the new params."""
   batch_size = config.sft.batch_size or config.data.rollout_batch_size
   optimizer, schedule = train_state_lib.make_optimizer(_optim_section(config, sft=True),
                                                        config.sft.steps)
   learner, state = learner_factory(params, optimizer, schedule)
   pipeline = make_pipeline(config, records, tokenizer, batch_size=batch_size,
-                           seed=config.data.seed + 1)
+                           seed=config.data.seed + 1, vision=vision)
   batches = iter(pipeline)
   eos = token_ids(tokenizer, config.sampling.eos_tokens, "sampling.eos_tokens")[0]
   with metrics_lib.MetricsWriter(workdir, tensorboard=config.logging.tensorboard,
@@ -416,7 +420,7 @@ def _start(config, workdir, mesh, tokenizer, checkpointer) -> _Run:
   use_reference = config.rl.beta > 0
   batches = iter(make_pipeline(config, records, tokenizer,
                                batch_size=config.data.rollout_batch_size,
-                               seed=config.data.seed))
+                               seed=config.data.seed, vision=model_config.vision))
   if resume_step is not None:
     abstract = train_state_lib.abstract_train_state(params, optimizer)
     shardings = train_state_lib.train_state_shardings(abstract, optimizer, mesh)
@@ -431,7 +435,8 @@ def _start(config, workdir, mesh, tokenizer, checkpointer) -> _Run:
     return _Run(learner, restored.state, restored.ref_params, batches, meta)
 
   if config.sft.steps > 0:
-    params = warm_start(config, learner_factory, params, records, tokenizer, workdir)
+    params = warm_start(config, learner_factory, params, records, tokenizer, workdir,
+                        model_config.vision)
   learner, state = learner_factory(params, optimizer, schedule)
   # The reference is the policy RL starts from, frozen (its own buffers: the state is
   # donated every step).

@@ -85,12 +85,19 @@ def test_every_pixel_is_black_or_a_palette_colour(splits):
       assert Image.open(io.BytesIO(record.images[0])).size == (56, 56)
 
 
-def test_count_color_answer_recounted_from_pixels(splits):
-  for record in splits["count_color"]:
+@pytest.mark.parametrize("task", ["count_color", "count_red"])
+def test_count_color_answer_recounted_from_pixels(splits, task):
+  for record in splits[task]:
     pixels = _pixels(record)
     target = re.fullmatch(r"how many (\w+) shapes\?", record.question).group(1)
     assert len(_components(_color_mask(pixels, target))) == int(record.answer)
     assert len(_components(pixels.any(axis=-1))) == record.level
+
+
+def test_count_red_always_asks_for_red(splits):
+  assert {r.question for r in splits["count_red"]} == {"how many red shapes?"}
+  answers = {int(r.answer) for r in splits["count_red"]}
+  assert answers <= set(range(1, 10)) and len(answers) >= 7  # 9 needs 9 red of 9 objects
 
 
 def test_count_shape_answer_recounted_from_pixels(splits):
@@ -159,7 +166,7 @@ def test_caption_states_the_facts_and_text_question_is_caption_then_question(spl
     for record in records:
       assert record.text_question == f"{record.caption} {record.question}"
       caption = record.caption
-      if name == "count_color":
+      if name in ("count_color", "count_red"):
         colour = record.question.split()[2]
         counts = re.findall(rf"(\d) {colour} (?:circle|square)", caption)
         assert sum(map(int, counts)) == int(record.answer)

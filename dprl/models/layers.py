@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dprl.models.config import HF_INITIALIZER_RANGE
+
 # Large negative instead of -inf: a fully masked query row (left padding) then gives a
 # uniform distribution rather than NaN, and its output is never used.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -36,7 +38,7 @@ class Linear(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool, rngs: nnx.Rngs,
                param_dtype: Any = jnp.float32, dtype: Any = jnp.float32):
-    init = nnx.initializers.normal(0.02)
+    init = nnx.initializers.normal(HF_INITIALIZER_RANGE)
     self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
     self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
     self.dtype = dtype

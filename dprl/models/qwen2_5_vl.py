@@ -20,7 +20,8 @@ import numpy as np
 from flax import nnx
 
 from dprl.models import rope
-from dprl.models.config import ModelConfig, get_preset
+from dprl.models.config import HF_INITIALIZER_RANGE, ModelConfig, get_preset
+from dprl.models.layers import Linear
 from dprl.models.text import KVCache, TextDecoder
 from dprl.models.vision import VisionTower
 
@@ -99,7 +100,7 @@ class Qwen2_5_VL(nnx.Module):
     if cfg.tie_word_embeddings:
       self.lm_head = None
     else:
-      init = nnx.initializers.normal(0.02)
+      init = nnx.initializers.normal(HF_INITIALIZER_RANGE)
       self.lm_head = nnx.Param(init(rngs.params(), (cfg.text.hidden_size, cfg.text.vocab_size), cfg.param_dtype))
 
   def embed(self, input_ids: jax.Array, pixel_values=None, image_grid_thw=None,
@@ -195,10 +196,35 @@ class Qwen2_5_VL(nnx.Module):
 
 
 def init(cfg: ModelConfig | str, seed: int = 0) -> Qwen2_5_VL:
-  """A randomly initialised model (for tests, the demo, and abstract shapes)."""
+  """A randomly initialised model (for tests, the demo, and abstract shapes), drawn as
+  `cfg.init_scheme` says."""
   if isinstance(cfg, str):
     cfg = get_preset(cfg)
-  return Qwen2_5_VL(cfg, rngs=nnx.Rngs(seed))
+  model = Qwen2_5_VL(cfg, rngs=nnx.Rngs(seed))
+  if cfg.init_scheme == "fan_in":
+    _rescale_to_fan_in(model)
+  return model
+
+
+def _rescale_to_fan_in(model: Qwen2_5_VL) -> None:
+  """N(0, 0.02) draws -> N(0, 1/fan_in) kernels, in place (a scaled normal is a normal, so
+  this is the fan-in init without a second initialiser threaded through every layer).
+
+  Token embeddings go to N(0, 1), the scale of the normalised activations they are added
+  to (at N(0, 0.02) a token's identity would vanish under the first layer's fan-in-sized
+  updates); tied ones, which are also the output projection, to N(0, 1/hidden).
+  """
+  def rescale(param: nnx.Param, std: float) -> None:
+    param[...] = param[...] * (std / HF_INITIALIZER_RANGE)
+
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, Linear):
+      rescale(node.kernel, node.kernel.shape[0] ** -0.5)
+  hidden = model.config.text.hidden_size
+  embedding = model.model.embed_tokens.embedding
+  rescale(embedding, hidden ** -0.5 if model.lm_head is None else 1.0)
+  if model.lm_head is not None:
+    rescale(model.lm_head, hidden ** -0.5)
 
 
 def abstract(cfg: ModelConfig) -> Qwen2_5_VL:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dprl.models import layers
-from dprl.models.config import TextConfig
+from dprl.models.config import HF_INITIALIZER_RANGE, TextConfig
 
 REMAT_POLICIES = {
     "none": None,
@@ -109,7 +109,7 @@ class TextDecoder(nnx.Module):
       raise ValueError(f"unknown remat_policy {remat_policy!r}; known: {sorted(REMAT_POLICIES)}")
     self.remat_policy = remat_policy
     self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype,
-                                  dtype=dtype, embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+                                  dtype=dtype, embedding_init=nnx.initializers.normal(HF_INITIALIZER_RANGE), rngs=rngs)
 
     @nnx.split_rngs(splits=cfg.num_hidden_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0)
