@@ -46,11 +46,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     train.rl.estimator = "dr_grpo"
     train.rl.difficulty_weighting = "exp"
     train.eval.every = 0
+    if variant != "qwen2_5_vl_7b":  # held-out items (eval.every > 0): the synthetic test split
+      train.eval.synthetic_tasks = train.data.tasks
     c.phases[name] = ml_collections.ConfigDict({"start_from": "base" if i == 0 else "previous",
                                                 "train": train})
   c.eval = ml_collections.ConfigDict()
   c.eval.num_items = 0 if variant == "qwen2_5_vl_7b" else 500
-  c.eval.tasks = "count_color"
+  c.eval.tasks = train.data.tasks  # the grpo config's tasks, held out
   c.eval.template = "plain"
   c.eval.batch_size = 100
   c.eval.max_prompt_length = 256

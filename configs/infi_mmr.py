@@ -57,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Held-out evaluation after each phase, with images and as text only; 0 items = off.
   c.eval = ml_collections.ConfigDict()
   c.eval.num_items = 16 if variant == "tiny" else 500
-  c.eval.tasks = "count_color"
+  c.eval.tasks = train.data.tasks  # the grpo config's tasks, held out
   c.eval.template = "plain" if variant != "qwen2_5_vl_3b" else "format"
   c.eval.batch_size = 16 if variant == "tiny" else 100
   c.eval.max_prompt_length = 256 if variant != "qwen2_5_vl_3b" else 4096
