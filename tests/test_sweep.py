@@ -232,8 +232,26 @@ def test_dry_run_from_the_command_line(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# End to end: a tiny sweep, killed during its second run, then resumed
+# End to end: a tiny sweep, killed during its second run, then resumed; the experiments
 # ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+  """One persistent compilation cache for the module's sweeps (the same tiny shapes
+  compile once); run_sweep leaves a configured cache alone."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+  if jax.config.jax_compilation_cache_dir:
+    yield
+    return
+  min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  yield
+  jax.config.update("jax_compilation_cache_dir", None)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+  compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")
@@ -317,3 +335,29 @@ def test_a_finished_run_with_changed_settings_is_an_error(killed_and_resumed):
   with pytest.raises(sweep.SweepError, match=r"phases\.grpo\.train\.rl\.difficulty_weighting: "
                                              r"'none' -> 'exp'"):
     sweep.run_sweep(config, str(workdir))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment,arms", [("difficulty_prior", "two_stage_hints"),
+                                             ("rap", "rap,random"),
+                                             ("infi_mmr", "three_phase,multimodal_only")])
+def test_an_experiments_tiny_variant_prepares_its_base_and_runs(experiment, arms, tmp_path):
+  config = load_config(f"{ROOT}/configs/experiments/{experiment}.py:tiny")
+  config.seeds = "0"
+  config.arm_order = arms
+  results = sweep.run_sweep(config, str(tmp_path))
+  assert list(results["arms"]) == arms.split(",") and results["missing"] == []
+  prepared = results["base"]["prepared"]
+  if experiment == "difficulty_prior":  # curation fed both stages
+    sizes = {k: v["size"] for k, v in prepared["curate"].items()}
+    assert sizes["kept"] == sizes["stage1"] + sizes["stage2"] and sizes["stage2"] >= 8
+  if experiment == "rap":  # the selection and a random subset of its size
+    select = prepared["select"]
+    assert select["random"]["size"] == select["selected"]["size"] >= 8
+    assert (tmp_path / "base" / "rap" / "decisions.jsonl").exists()
+  base = results["base"]["accuracy_by_seed"]["0"]
+  for name, arm in results["arms"].items():
+    run = arm["runs"][0]
+    assert run["final_accuracy"] is not None and run["accuracy_text_only"] is not None, name
+    assert run["base_accuracy"] == base
+    assert run["gain"] == pytest.approx(run["final_accuracy"] - base)
