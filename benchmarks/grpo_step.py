@@ -310,10 +310,8 @@ def child(name: str, quick: bool) -> dict:
   batch = learner.put_batch(host)
   keys = tuple(sorted(batch))
   acc = learner.zero_acc(state.params, batch, "grpo")
-  # pylint: disable=protected-access
-  accumulate = learner._get("accumulate", keys, "grpo", frame_patch_bound(host.get("image_grid_thw")))
-  apply = learner._get("apply", keys, "grpo")
-  # pylint: enable=protected-access
+  accumulate = learner.jitted("accumulate", keys, "grpo", frame_patch_bound(host.get("image_grid_thw")))
+  apply = learner.jitted("apply", keys, "grpo")
   flops = (num_micro * jaxpr_matmul_flops(accumulate, state.params, batch, acc)
            + jaxpr_matmul_flops(apply, state, acc))
   xla_acc, xla_apply = xla_flops(accumulate, state.params, batch, acc), xla_flops(apply, state, acc)

@@ -13,6 +13,13 @@ A step whose loss (or any other metric) is NaN or infinite stops the run with a
 `NonFiniteMetricError` naming the step and the metric; that state is not saved, so the
 latest checkpoint is the last good one.
 
+Multi-host: every host runs the same command; `main` first joins the process group
+(`dprl.parallel.distributed.initialize`), each host reads its shard of the data
+(`data.rollout_batch_size` and `sft.batch_size` are global: each host takes its share),
+every process writes its shards of each checkpoint, and only process 0 writes logs,
+metrics, TensorBoard events, the progress bar and config.json. The workdir must be a
+folder all hosts see. See launch/README.md.
+
 `train(config, workdir)` is the same thing as a function (tests call it in-process).
 """
 
@@ -38,6 +45,8 @@ from dprl.data import tokenizer as tokenizer_lib
 from dprl.data.pipeline import Pipeline, PipelineConfig
 from dprl.models import qwen2_5_vl
 from dprl.models.config import ModelConfig, VisionConfig, from_hf_dict, get_preset, to_hf_dict
+from dprl.parallel import batches as batches_lib
+from dprl.parallel import distributed
 from dprl.parallel.mesh import make_mesh
 from dprl.rl import checkpointing
 from dprl.rl import learner as learner_lib
@@ -273,6 +282,33 @@ def learner_config(config) -> learner_lib.LearnerConfig:
           max_len=config.sampling.max_new_tokens))
 
 
+def validate_processes(config) -> None:
+  """Checks of a multi-host run (nothing to check on one process); errors name the field."""
+  processes = jax.process_count()
+  if processes == 1:
+    return
+  batches_lib.process_share(config.data.rollout_batch_size, "data.rollout_batch_size")
+  if config.eval.every:
+    raise ValueError(f"eval.every = {config.eval.every}: held-out evaluation during training runs on "
+                     f"one process only, and this run has {processes}; set --config.eval.every=0 "
+                     "and evaluate the checkpoints with python -m dprl.eval")
+
+
+def _progress(config) -> bool:
+  """Whether to show the progress bar: as configured, on process 0 only."""
+  return bool(config.logging.progress) and batches_lib.is_primary()
+
+
+def load_tokenizer_once(name: str, workdir: str):
+  """`load_tokenizer`; with several processes, process 0 first, the others after a barrier:
+  a tokenizer written into the (shared) workdir must not be written by all at once."""
+  if jax.process_count() > 1:
+    if batches_lib.is_primary():
+      load_tokenizer(name, workdir)
+    batches_lib.sync_global_devices("dprl_train_tokenizer_written")
+  return load_tokenizer(name, workdir)
+
+
 def validate(config) -> None:
   """Checks that need no model or data; each error names the field."""
   from dprl.rl import advantages, losses, rewards  # pylint: disable=g-import-not-at-top
@@ -332,7 +368,8 @@ def _check_finite(step: int, metrics: dict[str, Any], checkpointer) -> None:
 
 def warm_start(config, learner_factory, params, records, tokenizer, workdir, vision):
   """`sft.steps` supervised steps from `params`; returns the new params."""
-  batch_size = config.sft.batch_size or config.data.rollout_batch_size
+  batch_size = batches_lib.process_share(config.sft.batch_size or config.data.rollout_batch_size,
+                                         "sft.batch_size (or data.rollout_batch_size)")
   optimizer, schedule = train_state_lib.make_optimizer(_optim_section(config, sft=True),
                                                        config.sft.steps)
   learner, state = learner_factory(params, optimizer, schedule)
@@ -343,7 +380,7 @@ def warm_start(config, learner_factory, params, records, tokenizer, workdir, vis
   with metrics_lib.MetricsWriter(workdir, tensorboard=config.logging.tensorboard,
                                  resume_step=0, prefix="sft/",
                                  jsonl_name="sft_metrics.jsonl") as writer:
-    bar = metrics_lib.progress_bar(config.sft.steps, enabled=config.logging.progress or False,
+    bar = metrics_lib.progress_bar(config.sft.steps, enabled=_progress(config),
                                    description="warm start")
     for _ in range(config.sft.steps):
       rollout = learner_lib.sft_rollout(next(batches), tokenizer, config.sft.response_format,
@@ -364,11 +401,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
           sample_fn: Callable | None = None) -> RunResult:
   """Trains (or resumes) up to `config.total_steps`; see the module docstring."""
   validate(config)
+  validate_processes(config)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if batches_lib.is_primary():
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  tokenizer = load_tokenizer(config.tokenizer, workdir)
+  tokenizer = load_tokenizer_once(config.tokenizer, workdir)
   checkpointer = checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.every,
       max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save)
@@ -419,7 +458,8 @@ def _start(config, workdir, mesh, tokenizer, checkpointer) -> _Run:
 
   use_reference = config.rl.beta > 0
   batches = iter(make_pipeline(config, records, tokenizer,
-                               batch_size=config.data.rollout_batch_size,
+                               batch_size=batches_lib.process_share(
+                                   config.data.rollout_batch_size, "data.rollout_batch_size"),
                                seed=config.data.seed, vision=model_config.vision))
   if resume_step is not None:
     abstract = train_state_lib.abstract_train_state(params, optimizer)
@@ -467,8 +507,7 @@ def _train(config, workdir, mesh, tokenizer, checkpointer, sample_fn) -> RunResu
     if evaluator is not None and step == 0:
       # The starting point (after any warm start), so the curves begin before RL.
       writer.write(0, evaluator(0, current_model()))
-    bar = metrics_lib.progress_bar(config.total_steps, initial=step,
-                                   enabled=config.logging.progress or False)
+    bar = metrics_lib.progress_bar(config.total_steps, initial=step, enabled=_progress(config))
     while step < config.total_steps:
       state, metrics = learner_lib.grpo_step(run.learner, state, ref_params, run.batches,
                                              rollout_cfg, step_cfg, tokenizer,
@@ -483,12 +522,14 @@ def _train(config, workdir, mesh, tokenizer, checkpointer, sample_fn) -> RunResu
           step % config.rl.ref_sync_every == 0):
         ref_params = train_state_lib.tree_copy(state.params,
                                                run.learner.state_shardings.params)
+      # A SIGTERM reaching some hosts only: all must save (a collective) and stop together.
+      stop = bool(batches_lib.every_process(watcher.requested).any())
       checkpointer.save(step, state, ref_params=ref_params,
                         data_state=run.batches.get_state(), meta=run.meta,
-                        force=step >= config.total_steps or watcher.requested)
+                        force=step >= config.total_steps or stop)
       bar.update(1)
       bar.set_postfix(metrics_lib.postfix(metrics))
-      if watcher.requested:
+      if stop:
         preempted = True
         log.warning("preempted: saved step %d to %s; exiting", step, checkpointer.directory)
         break
@@ -535,8 +576,13 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   # Orbax logs every file it writes through absl at INFO; keep warnings only.
   logging.getLogger("absl").setLevel(logging.WARNING)
+  # The program's first JAX call: joins a multi-host run's process group (else a no-op).
+  distributed.initialize()
+  if not batches_lib.is_primary():
+    logging.getLogger().setLevel(logging.WARNING)  # the run log is process 0's
   result = train_from_flags(flag_values)
-  print(json.dumps({"step": result.step, "preempted": result.preempted}))
+  if batches_lib.is_primary():
+    print(json.dumps({"step": result.step, "preempted": result.preempted}))
 
 
 def run(argv: Sequence[str] | None = None) -> None:

@@ -17,10 +17,16 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from dprl import cli
+from dprl import metrics as metrics_lib
+from dprl import train as train_lib
+from dprl.models.config import from_hf_dict
 from dprl.models.sharding import state_shardings
 from dprl.parallel import batches, distributed
 from dprl.parallel.distributed import DistributedConfigError, detect, first_host
 from dprl.parallel.mesh import make_hybrid_mesh, make_mesh
+from dprl.rl import checkpointing
+from dprl.rl import train_state as train_state_lib
 
 import multihost_worker
 
@@ -333,18 +339,24 @@ def _free_port() -> int:
       return s.getsockname()[1]
 
 
-def _start_workers(out) -> list[tuple[subprocess.Popen, Any]]:
-  """Starts tests/multihost_worker.py as processes 0 and 1 of a group on localhost."""
+def _worker_env(**extra) -> dict[str, str]:
+  """This environment without cluster variables, CPU only, the repository importable."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_PREFIXES) and k not in _CLUSTER_VARS}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([REPO, env.get("PYTHONPATH", "")]), **extra)
+  return env
+
+
+def _start_workers(out, command: list[str] | None = None) -> list[tuple[subprocess.Popen, Any]]:
+  """Starts `command` (default tests/multihost_worker.py OUT) as processes 0 and 1 of a
+  group on localhost, 4 CPU devices each."""
+  command = command or [sys.executable, os.path.join(REPO, "tests", "multihost_worker.py"), str(out)]
   port = _free_port()
   procs = []
   for pid in range(2):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_PREFIXES) and k not in _CLUSTER_VARS}
-    env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid),
-               XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([REPO, env.get("PYTHONPATH", "")]))
+    env = _worker_env(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid),
+                      XLA_FLAGS="--xla_force_host_platform_device_count=4")
     log = open(out / f"process_{pid}.log", "w")
-    procs.append((subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "multihost_worker.py"), str(out)],
-                                   cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    procs.append((subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
   return procs
 
 
@@ -413,3 +425,107 @@ def test_checkpoint_written_by_two_processes_restores_in_one(two_processes_and_r
   for (path, got), (_, want) in zip(flat_restored, flat_reference):
     assert got.sharding == want.sharding, path
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str(path))
+
+
+# --- two processes train ---------------------------------------------------------------
+
+# Two GRPO steps of the tiny recipe on a (2, 2, 2) mesh (data across the two processes,
+# fsdp and tensor within each), with the KL reference and two updates per step, so the
+# sampler, the old/reference log-probs and the accumulated updates all run across hosts.
+TRAIN_FLAGS = ["--config", "configs/grpo.py:tiny", "--config.total_steps=2",
+               "--config.rl.reward_fn=test_digit_fraction", "--config.rl.beta=0.01",
+               "--config.rl.num_iterations=2", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+               "--config.mesh.tensor=2", "--config.checkpoint.every=2"]
+# Float metrics, compared within LOSS_RTOL. The two runs execute the same global programs
+# on the same global batches; what differs is the order of float32 additions: gradient
+# all-reduces run across processes (gloo) rather than within one, and each micro-batch
+# holds half of every host's rows rather than consecutive rows of one (the accumulated
+# sums are exact up to that order). Reassociating float32 sums moves results by a few
+# ulp (~1e-7 relative); 1e-4 leaves room for the Adam update amplifying it in step 2 and
+# is still far below any real difference (a step changes the loss by ~1e-2).
+LOSS_KEYS = ("loss", "pg_loss", "kl_loss", "kl", "grad_norm", "entropy", "ratio", "lr")
+LOSS_RTOL = 1e-4
+# Counted from sampled tokens: equal exactly, which also shows that both runs sampled the
+# same responses.
+EXACT_KEYS = ("reward_mean", "accuracy", "response_len", "response_truncated_frac", "tokens",
+              "filter_tries", "filter_kept_frac", "zero_advantage_group_frac")
+
+
+def _train_worker(workdir, *extra: str) -> list[str]:
+  return [sys.executable, os.path.join(REPO, "tests", "multihost_train_worker.py"), *TRAIN_FLAGS,
+          f"--workdir={workdir}", *extra]
+
+
+@pytest.fixture(scope="module")
+def two_process_training(tmp_path_factory):
+  """Workdirs of the two-process run and of its one-process reference (8 devices, the same
+  global batches: see tests/multihost_train_worker.py), run one after the other."""
+  out = tmp_path_factory.mktemp("multihost_train")
+  two, one = out / "two_processes", out / "one_process"
+  _wait_for_workers(_start_workers(out, _train_worker(two)), out)
+  with open(out / "reference.log", "w") as log:
+    rc = subprocess.run(_train_worker(one, "--one_process_reference"), cwd=REPO, stdout=log,
+                        stderr=subprocess.STDOUT, timeout=600,
+                        env=_worker_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")).returncode
+  assert rc == 0, (out / "reference.log").read_text()[-3000:]
+  return out, two, one
+
+
+@pytest.mark.slow
+def test_two_process_grpo_logs_the_losses_of_one_process(two_process_training):
+  _, two, one = two_process_training
+  rows, reference = metrics_lib.read_metrics(str(two)), metrics_lib.read_metrics(str(one))
+  assert [r["step"] for r in rows] == [r["step"] for r in reference] == [1, 2]
+  assert rows[-1]["kl"] > 0  # step 2 starts away from the reference
+  for row, want in zip(rows, reference):
+    assert abs(row["loss"]) > 1e-6 and row["grad_norm"] > 0  # not a trivial 0 == 0
+    for key in EXACT_KEYS:
+      assert row[key] == want[key], (row["step"], key, row[key], want[key])
+    for key in LOSS_KEYS:
+      np.testing.assert_allclose(row[key], want[key], rtol=LOSS_RTOL, atol=1e-7,
+                                 err_msg=f"step {row['step']} {key}")
+
+
+@pytest.mark.slow
+def test_only_process_zero_writes_logs_metrics_and_progress(two_process_training):
+  out, two, _ = two_process_training
+  assert sorted(p.name for p in two.iterdir()) == ["checkpoints", "config.json", "final_params.npz",
+                                                   "metrics.jsonl", "tensorboard", "tokenizer"]
+  assert len(list((two / "tensorboard").iterdir())) == 1  # one events file: process 0's
+  first, second = (out / "process_0.log").read_text(), (out / "process_1.log").read_text()
+  assert "initialising explicit: process 0 of 2" in first
+  assert "train: 100%" in first and "train:" not in second
+  # Both log joining the group (before they know their index); then only process 0 logs.
+  assert "initialising explicit: process 1 of 2" in second
+  assert "saving checkpoint of step 2" in first and "saving checkpoint" not in second
+  assert '"step": 2' in first and '"step": 2' not in second  # the final summary line
+
+
+@pytest.mark.slow
+def test_checkpoint_written_by_two_processes_restores_the_train_state_in_one(two_process_training):
+  _, two, one = two_process_training
+  config = cli.load_config("configs/grpo.py:tiny")
+  directory = str(two / "checkpoints")
+  meta = checkpointing.read_meta(directory, 2)
+  mesh = make_mesh(2, 2, 2)
+  model_config = from_hf_dict(meta["model_config"], "meta")
+  graphdef, abstract_params, _ = train_lib._abstract_params(model_config, mesh)  # pylint: disable=protected-access
+  optimizer, _ = train_state_lib.make_optimizer(config.optim.to_dict(), 4)
+  abstract = train_state_lib.abstract_train_state(abstract_params, optimizer)
+  shardings = train_state_lib.train_state_shardings(abstract, optimizer, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  with checkpointing.Checkpointer(directory) as checkpointer:
+    assert checkpointer.all_steps() == [2]
+    restored = checkpointer.restore(abstract, abstract_ref=abstract_params)
+  assert restored.step == 2 and int(restored.state.step) == 2
+  assert restored.data_state == {"next_index": 8}  # each host's iterator: 2 batches of 4 records
+  params = checkpointing.flatten(restored.state.params)
+  assert all(params[k].sharding == s for k, s in checkpointing.flatten(shardings.params).items())
+  written = np.load(two / "final_params.npz")  # what the two processes held at the end
+  reference = np.load(one / "final_params.npz")
+  assert sorted(written.files) == sorted(params)
+  for key, value in params.items():
+    np.testing.assert_array_equal(np.asarray(value), written[key], err_msg=key)
+    np.testing.assert_allclose(np.asarray(value), reference[key], rtol=0, atol=1e-5, err_msg=key)
+  ref = checkpointing.flatten(restored.ref_params)
+  assert any(not np.array_equal(np.asarray(ref[k]), written[k]) for k in ref)  # the frozen start

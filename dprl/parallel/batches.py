@@ -9,6 +9,12 @@ the global batch is the hosts' batches concatenated in process order.
 All hosts must pass arrays of equal shapes: pad to common lengths first (the pipeline's
 length buckets make this cheap). `global_batch` checks this across hosts by default,
 because a mismatch otherwise surfaces as a hang or as silently misplaced rows.
+
+The way back: `process_local` is this host's block of a global array (the inverse of
+`global_batch`), `process_rows` the rows a sharding gives this host. Small host values
+that every host must agree on (a padded width, a "stop now" flag, rollout statistics) go
+through `every_process` and `concat_across_processes`. With one process all of these
+return their input unchanged, without a collective.
 """
 
 from __future__ import annotations
@@ -128,3 +134,83 @@ def to_host(tree: Any) -> Any:
     return multihost_utils.process_allgather(x, tiled=True)
 
   return jax.tree.map(one, tree)
+
+
+def every_process(value: Any) -> np.ndarray:
+  """`value` (a host scalar or array, the same shape everywhere) from every process:
+  [process_count, *shape], in process order. A collective: call it on all processes."""
+  value = np.asarray(value)
+  if jax.process_count() == 1:
+    return value[None]
+  return np.asarray(multihost_utils.process_allgather(value))
+
+
+def concat_across_processes(local: np.ndarray, position: int | None = None) -> np.ndarray:
+  """Every process's `local` concatenated along axis 0, the same result on every process.
+
+  Args:
+    local: [n_p, ...]; n_p may differ between processes, the other dimensions may not.
+    position: where this process's part goes (ascending); default its process index.
+      Pass the start of its rows in a sharded batch so that the parts follow the rows.
+
+  Returns:
+    [sum_p n_p, ...]. A collective (two all-gathers) with several processes.
+  """
+  local = np.asarray(local)
+  if jax.process_count() == 1:
+    return local
+  position = jax.process_index() if position is None else position
+  header = every_process(np.array([local.shape[0], position], np.int64))  # [P, 2]
+  longest = int(header[:, 0].max())
+  padded = np.zeros((longest,) + local.shape[1:], local.dtype)
+  padded[:local.shape[0]] = local
+  parts = every_process(padded)  # [P, longest, ...]
+  order = np.argsort(header[:, 1], kind="stable")
+  return np.concatenate([parts[p, :int(header[p, 0])] for p in order])
+
+
+def process_rows(sharding: jax.sharding.Sharding, num_rows: int) -> slice:
+  """The rows of a [num_rows, ...] array placed with `sharding` that this process holds.
+
+  Raises if they are not one contiguous block (`global_batch` could not place them).
+  """
+  spans = sorted({index[0].indices(num_rows)[:2]
+                  for index in sharding.addressable_devices_indices_map((num_rows,)).values()})
+  start, stop = spans[0][0], max(end for _, end in spans)
+  covered = start
+  for span_start, span_stop in spans:
+    if span_start > covered:
+      raise ValueError(f"this process's rows of a {num_rows}-row batch are not contiguous: {spans}")
+    covered = max(covered, span_stop)
+  return slice(start, stop)
+
+
+def process_local(x: Any) -> np.ndarray:
+  """This process's block of a global array, as NumPy (the inverse of `global_batch`).
+
+  A fully addressable array (one process) comes back whole. Otherwise the block spans
+  the indices its addressable shards cover, in every dimension; a replicated dimension
+  comes back whole. No communication.
+  """
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  bounds = [(dim, 0) for dim in x.shape]  # (lowest start, highest stop) per dim
+  shards = []
+  for shard in x.addressable_shards:
+    spans = [index.indices(dim)[:2] for index, dim in zip(shard.index, x.shape)]
+    bounds = [(min(lo, a), max(hi, b)) for (lo, hi), (a, b) in zip(bounds, spans)]
+    shards.append((spans, shard.data))
+  out = np.empty([hi - lo for lo, hi in bounds], x.dtype)
+  for spans, data in shards:
+    out[tuple(slice(a - lo, b - lo) for (a, b), (lo, _) in zip(spans, bounds))] = np.asarray(data)
+  return out
+
+
+def process_share(total: int, field: str) -> int:
+  """This process's equal share of `total` (rows, prompts); an error naming `field` if
+  the processes cannot split it evenly."""
+  count = jax.process_count()
+  if total % count:
+    raise ValueError(f"{field} = {total} must be a multiple of the {count} processes "
+                     "(every host takes an equal share)")
+  return total // count

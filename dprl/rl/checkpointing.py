@@ -26,15 +26,20 @@ each step; the loop then saves (force) and waits for the write before exiting.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
 import signal
 import threading
+import zlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from dprl.parallel.batches import every_process
 
 
 log = logging.getLogger(__name__)
@@ -99,6 +104,21 @@ class Restored:
   meta: dict
 
 
+def _check_one_data_state(data_state: dict) -> None:
+  """With several processes, that every host's data-iterator state is the same.
+
+  Orbax writes JSON items from process 0 only, and every host resumes from that one
+  state: right when the hosts read their shards in lockstep ({"next_index": k} each),
+  silently wrong otherwise.
+  """
+  if jax.process_count() == 1:
+    return
+  digest = zlib.crc32(json.dumps(data_state, sort_keys=True, default=str).encode())
+  if len(set(every_process(np.uint32(digest)).tolist())) > 1:
+    raise CheckpointError(f"the hosts' data-iterator states differ (process {jax.process_index()} has "
+                          f"{data_state}); a checkpoint can hold only one")
+
+
 class Checkpointer:
   """An Orbax CheckpointManager for train states.
 
@@ -146,6 +166,7 @@ class Checkpointer:
     if ref_params is not None:
       items["ref_params"] = ocp.args.StandardSave(flatten(ref_params))
     if data_state is not None:
+      _check_one_data_state(data_state)
       items["data"] = ocp.args.JsonSave(data_state)
     saved = self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
     if saved:

@@ -28,6 +28,16 @@ train state and the gradient accumulator.
 Images travel per row (`Rollout.images`), so any subset of rows can form a micro-batch;
 `pack_images` concatenates a micro-batch's images and pads the patches with a dummy image
 that no token refers to, to a power-of-two bucket, so jit sees few shapes.
+
+Several processes (multi-host): each process holds the rollout of its own prompts (its
+pipeline shard). The sampler gathers the prompts into one global batch and hands each
+process back its samples; every count in the configs (prompts per step, rows per update
+and per micro-batch) stays global, and each process contributes an equal share of rows
+to each micro-batch, stitched by `dprl.parallel.batches.global_batch`. Images are
+replicated, so every process packs the micro-batch's images of all processes
+(`pack_images_across_processes`). Rollout statistics are taken over all processes, so
+every process logs (and checks for NaN) the same metrics. With one process every one of
+these steps is the identity.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dprl.models.config import ModelConfig
 from dprl.models.qwen2_5_vl import frame_patch_bound
+from dprl.parallel import batches as batches_lib
 from dprl.rl import advantages as advantages_lib
 from dprl.rl import losses as losses_lib
 from dprl.rl import rewards as rewards_lib
@@ -143,6 +154,41 @@ def pack_images(row_images: Sequence[RowImages], patch_dim: int, merge_size: int
   return pixel_values, grid
 
 
+def pack_images_across_processes(row_images: Sequence[RowImages], patch_dim: int, merge_size: int,
+                                 position: int) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+  """`pack_images` of the rows of every process, the same arrays on every process.
+
+  Args:
+    row_images: this process's rows of the micro-batch.
+    position: where this process's rows sit in the global micro-batch (their first
+      row), so that the k-th image token of the global batch meets the k-th image.
+  """
+  present = [images for images in row_images if images is not None]
+  pixel_values = (np.concatenate([np.asarray(pv, np.float32) for pv, _ in present]) if present
+                  else np.zeros((0, patch_dim), np.float32))
+  grid = (np.concatenate([np.asarray(g, np.int32).reshape(-1, 3) for _, g in present]) if present
+          else np.zeros((0, 3), np.int32))
+  pixel_values = batches_lib.concat_across_processes(pixel_values, position)
+  grid = batches_lib.concat_across_processes(grid, position)
+  if not len(grid):
+    return None, None
+  return pack_images([(pixel_values, grid)], patch_dim, merge_size)
+
+
+def pad_prompts_to_widest_process(rollout: Rollout) -> Rollout:
+  """The rollout with its prompts left-padded to the widest of all processes' rollouts
+  (`global_batch` needs equal shapes on every host); unchanged with one process."""
+  if jax.process_count() == 1:
+    return rollout
+  width = int(batches_lib.every_process(rollout.prompt_ids.shape[1]).max())
+  extra = width - rollout.prompt_ids.shape[1]
+  if not extra:
+    return rollout
+  pad = lambda x: np.pad(x, ((0, 0), (extra, 0)))
+  return dataclasses.replace(rollout, prompt_ids=pad(rollout.prompt_ids),
+                             prompt_mask=pad(rollout.prompt_mask))
+
+
 # ---------------------------------------------------------------------------------------
 # The rollout: what the updates consume
 # ---------------------------------------------------------------------------------------
@@ -187,9 +233,10 @@ class Rollout:
   def num_rows(self) -> int:
     return self.prompt_ids.shape[0]
 
-  def micro_batch(self, rows: slice, *, patch_dim: int, merge_size: int
-                  ) -> dict[str, np.ndarray]:
-    """The arrays of `rows`, images packed; only the fields that are set."""
+  def micro_batch(self, rows: slice, *, patch_dim: int, merge_size: int,
+                  pack: Callable[..., tuple[Any, Any]] = pack_images) -> dict[str, np.ndarray]:
+    """The arrays of `rows`, images packed by `pack(row_images, patch_dim, merge_size)`;
+    only the fields that are set."""
     batch = {
         "prompt_ids": self.prompt_ids[rows].astype(np.int32),
         "prompt_mask": self.prompt_mask[rows].astype(np.int32),
@@ -201,7 +248,7 @@ class Rollout:
       batch["old_logp"] = self.old_logp[rows].astype(np.float32)
     if self.ref_logp is not None:
       batch["ref_logp"] = self.ref_logp[rows].astype(np.float32)
-    pixel_values, grid = pack_images(self.images[rows], patch_dim, merge_size)
+    pixel_values, grid = pack(self.images[rows], patch_dim, merge_size)
     if pixel_values is not None:
       batch["pixel_values"], batch["image_grid_thw"] = pixel_values, grid
     return batch
@@ -307,6 +354,18 @@ class Learner:
                          f"mesh.fsdp = {row_devices} (batch rows are split over both)")
     self._replicated = NamedSharding(mesh, P())
     self._rows = NamedSharding(mesh, P(ROW_AXES))
+    # Several processes: each holds an equal block of every batch's rows, the block at
+    # `_row_position` of `processes` (one process: the whole batch, at 0).
+    self.processes = jax.process_count()
+    self._row_position = 0
+    if self.processes > 1:
+      rows = batches_lib.process_rows(self._rows, row_devices)
+      if row_devices % self.processes or rows.stop - rows.start != row_devices // self.processes:
+        raise ValueError(
+            f"mesh.data * mesh.fsdp = {row_devices} devices must split the batch rows evenly "
+            f"over the {self.processes} processes (this one holds rows {rows.start}:{rows.stop} of "
+            f"{row_devices}); keep mesh.tensor within a host")
+      self._row_position = rows.start
     self._jitted: dict[Any, Callable] = {}
     self._abstract_accs: dict[Any, Any] = {}  # (batch keys, loss) -> accumulator shapes
 
@@ -316,8 +375,19 @@ class Learner:
     return {key: self._replicated if key in IMAGE_KEYS else self._rows for key in batch}
 
   def put_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Device arrays of a host micro-batch; with several processes, `batch` holds this
+    process's rows (and every process's images, as `host_batch` packs them)."""
     shardings = self.batch_shardings(batch)
+    if self.processes > 1:
+      return batches_lib.global_batch(batch, self.mesh, {k: s.spec for k, s in shardings.items()})
     return {key: jax.device_put(value, shardings[key]) for key, value in batch.items()}
+
+  def host_batch(self, rollout: Rollout, rows: slice) -> dict[str, np.ndarray]:
+    """The micro-batch of this process's `rows` of `rollout`, images packed."""
+    if self.processes == 1:
+      return rollout.micro_batch(rows, patch_dim=self.patch_dim, merge_size=self.merge_size)
+    pack = functools.partial(pack_images_across_processes, position=self._row_position)
+    return rollout.micro_batch(rows, patch_dim=self.patch_dim, merge_size=self.merge_size, pack=pack)
 
   # -- pure functions --------------------------------------------------------------------
 
@@ -362,16 +432,26 @@ class Learner:
 
   # -- jitted entry points ---------------------------------------------------------------
 
-  def _acc_shardings(self, abstract_acc):
+  def acc_shardings(self, abstract_acc):
+    """The accumulator's shardings: gradients as the parameters, sums replicated."""
     params = self.state_shardings.params
     return {"grads": params,
             **{k: jax.tree.map(lambda _: self._replicated, v)
                for k, v in abstract_acc.items() if k != "grads"}}
 
-  def _get(self, kind: str, keys: tuple[str, ...], loss_name: str | None = None,
-           frame_bound: int | None = None):
+  def jitted(self, kind: str, keys: tuple[str, ...], loss_name: str | None = None,
+             frame_bound: int | None = None):
     """The jitted `kind` function for batches with `keys`; `frame_bound` is the static
-    `max_frame_patches` of the micro-batch's images (see `Qwen2_5_VL.__call__`)."""
+    `max_frame_patches` of the micro-batch's images (see `Qwen2_5_VL.__call__`).
+
+      logprobs    (params, batch) -> (logp, entropy) [B, N] each
+      accumulate  (params, batch, acc) -> acc + this micro-batch's (grads, sums)
+      apply       (state, acc) -> (state after one optimizer update, metrics)
+
+    "accumulate" and "apply" need the accumulator's shapes first (`abstract_acc`, or
+    `zero_acc` which calls it). `.lower(...)` any of them with ShapeDtypeStructs to
+    compile ahead of time (`dprl.plan`).
+    """
     cache_key = (kind, keys, loss_name, frame_bound)
     if cache_key in self._jitted:
       return self._jitted[cache_key]
@@ -383,12 +463,12 @@ class Learner:
                    out_shardings=(self._rows, self._rows))
     elif kind == "accumulate":
       abstract = self._abstract_acc(keys, loss_name)
-      acc_sh = self._acc_shardings(abstract)
+      acc_sh = self.acc_shardings(abstract)
       fn = jax.jit(functools.partial(self._accumulate, loss_name=loss_name, frame_bound=frame_bound),
                    in_shardings=(params_sh, batch_sh, acc_sh), out_shardings=acc_sh,
                    donate_argnums=(2,))
     elif kind == "apply":
-      acc_sh = self._acc_shardings(self._abstract_acc(keys, loss_name))
+      acc_sh = self.acc_shardings(self._abstract_acc(keys, loss_name))
       # Only the state is donated: no output has the accumulator's shapes to reuse.
       fn = jax.jit(self._apply, in_shardings=(self.state_shardings, acc_sh),
                    out_shardings=(self.state_shardings, self._replicated),
@@ -400,7 +480,17 @@ class Learner:
 
   def _abstract_acc(self, keys, loss_name):
     if (keys, loss_name) not in self._abstract_accs:
-      raise RuntimeError("zero_acc must run before accumulate")
+      raise RuntimeError("abstract_acc (or zero_acc) must run before accumulate")
+    return self._abstract_accs[keys, loss_name]
+
+  def abstract_acc(self, params, batch, loss_name: str):
+    """The accumulator's ShapeDtypeStructs for micro-batches like `batch` (arrays or
+    ShapeDtypeStructs; nothing is allocated), kept for `jitted`."""
+    keys = tuple(sorted(batch))
+    if (keys, loss_name) not in self._abstract_accs:
+      # The metrics a loss reports are only known from tracing it.
+      self._abstract_accs[keys, loss_name] = jax.eval_shape(
+          functools.partial(self._loss_and_grad, loss_name=loss_name), params, batch)
     return self._abstract_accs[keys, loss_name]
 
   def zero_acc(self, params, batch, loss_name: str):
@@ -408,13 +498,10 @@ class Learner:
     keys = tuple(sorted(batch))
     cache_key = ("zeros", keys, loss_name)
     if cache_key not in self._jitted:
-      # The metrics a loss reports are only known from tracing it.
-      abstract = jax.eval_shape(
-          functools.partial(self._loss_and_grad, loss_name=loss_name), params, batch)
-      self._abstract_accs[keys, loss_name] = abstract
+      abstract = self.abstract_acc(params, batch, loss_name)
       self._jitted[cache_key] = jax.jit(
           lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract),
-          out_shardings=self._acc_shardings(abstract))
+          out_shardings=self.acc_shardings(abstract))
     return self._jitted[cache_key]()
 
   # -- host-side loops -------------------------------------------------------------------
@@ -426,18 +513,20 @@ class Learner:
     return [slice(i, i + size) for i in range(0, num_rows, size)]
 
   def logprobs(self, params, rollout: Rollout) -> tuple[np.ndarray, np.ndarray]:
-    """Log-probs and entropies of all responses under `params`: [B, N] each (host)."""
+    """Log-probs and entropies of all responses under `params`: [B, N] each (host; this
+    process's rows with several processes)."""
     size = self.config.logprob_micro_batch_size or self.config.micro_batch_size
-    size = min(size, rollout.num_rows)
+    size = min(size, rollout.num_rows * self.processes) // self.processes  # rows of this process
+    rollout = pad_prompts_to_widest_process(rollout)
     logps, entropies = [], []
     for rows in self._row_slices(rollout.num_rows, size):
-      batch = rollout.micro_batch(rows, patch_dim=self.patch_dim, merge_size=self.merge_size)
+      batch = self.host_batch(rollout, rows)
       batch.pop("old_logp", None), batch.pop("ref_logp", None), batch.pop("advantages")
-      fn = self._get("logprobs", tuple(sorted(batch)), None, frame_patch_bound(batch.get("image_grid_thw")))
+      fn = self.jitted("logprobs", tuple(sorted(batch)), None, frame_patch_bound(batch.get("image_grid_thw")))
       logp, entropy = fn(params, self.put_batch(batch))
       logps.append(logp), entropies.append(entropy)
-    return (np.concatenate([np.asarray(x) for x in logps]),
-            np.concatenate([np.asarray(x) for x in entropies]))
+    return (np.concatenate([batches_lib.process_local(x) for x in logps]),
+            np.concatenate([batches_lib.process_local(x) for x in entropies]))
 
   def update(self, state: TrainState, rollout: Rollout, *, loss_name: str = "grpo",
              num_iterations: int = 1, update_rows: int | None = None
@@ -446,42 +535,49 @@ class Learner:
 
     Args:
       state: donated.
-      rollout: B rows.
+      rollout: B rows (with several processes: this process's B / processes rows).
       loss_name: a name in `LOSSES`.
       num_iterations: passes over the rollout.
-      update_rows: rows per optimizer update (default: all B).
+      update_rows: rows per optimizer update, of all processes (default: all B).
 
     Returns:
       the new state and one metrics dict (device scalars) per optimizer update.
     """
-    update_rows = update_rows or rollout.num_rows
-    if rollout.num_rows % update_rows:
-      raise ValueError(f"the rollout's {rollout.num_rows} rows do not split into update "
+    total_rows = rollout.num_rows * self.processes
+    update_rows = update_rows or total_rows
+    if total_rows % update_rows:
+      raise ValueError(f"the rollout's {total_rows} rows do not split into update "
                        f"batches of {update_rows} rows (rl.update_batch_size x G)")
     micro = min(self.config.micro_batch_size, update_rows)
-    num_updates = num_iterations * (rollout.num_rows // update_rows)
+    if update_rows % self.processes or micro % self.processes:
+      raise ValueError(f"update batches of {update_rows} rows and micro-batches of {micro} rows "
+                       f"must split over the {self.processes} processes (rl.update_batch_size x G, "
+                       "rl.micro_batch_size)")
+    num_updates = num_iterations * (total_rows // update_rows)
+    # This process's rows of each update batch and micro-batch.
+    local_update, local_micro = update_rows // self.processes, micro // self.processes
+    rollout = pad_prompts_to_widest_process(rollout)
     if loss_name == "grpo" and rollout.old_logp is None and num_updates > 1:
       raise ValueError(f"{num_updates} optimizer updates on one rollout need its old "
                        "log-probs (Rollout.old_logp): after the first update the current "
                        "policy is no longer the one that sampled")
     metrics = []
     for _ in range(num_iterations):
-      for update in self._row_slices(rollout.num_rows, update_rows):
+      for update in self._row_slices(rollout.num_rows, local_update):
         acc = None
-        for offset in range(update.start, update.stop, micro):
-          rows = slice(offset, offset + micro)
-          if (update_rows % micro) or offset + micro > update.stop:
+        for offset in range(update.start, update.stop, local_micro):
+          rows = slice(offset, offset + local_micro)
+          if (update_rows % micro) or offset + local_micro > update.stop:
             raise ValueError(f"update batches of {update_rows} rows do not split into "
                              f"micro-batches of {micro} rows (rl.micro_batch_size)")
-          host_batch = rollout.micro_batch(rows, patch_dim=self.patch_dim,
-                                           merge_size=self.merge_size)
+          host_batch = self.host_batch(rollout, rows)
           bound = frame_patch_bound(host_batch.get("image_grid_thw"))
           batch = self.put_batch(host_batch)
           keys = tuple(sorted(batch))
           if acc is None:
             acc = self.zero_acc(state.params, batch, loss_name)
-          acc = self._get("accumulate", keys, loss_name, bound)(state.params, batch, acc)
-        state, update_metrics = self._get("apply", keys, loss_name)(state, acc)
+          acc = self.jitted("accumulate", keys, loss_name, bound)(state.params, batch, acc)
+        state, update_metrics = self.jitted("apply", keys, loss_name)(state, acc)
         metrics.append(update_metrics)
     return state, metrics
 
@@ -655,16 +751,22 @@ def collect_groups(model, batches: Iterator[Mapping[str, Any]], key: jax.Array,
                    ) -> tuple[list[Group], dict[str, float]]:
   """P groups for one step, with online filtering if configured.
 
+  With several processes each collects its share, P / processes groups, from its own
+  batches; they sample together (the sampler is a collective) until every one has its
+  share, so all take the same number of tries.
+
   Returns:
-    the groups and statistics: filter_tries (batches sampled), filter_kept_frac (of the
-    groups sampled, the fraction that passed), filter_fallback (groups taken from the
-    rejected ones because `filter_max_tries` ran out).
+    the groups and statistics (over all processes): filter_tries (batches sampled),
+    filter_kept_frac (of the groups sampled, the fraction that passed), filter_fallback
+    (groups taken from the rejected ones because `filter_max_tries` ran out).
   """
+  num_prompts = batches_lib.process_share(config.num_prompts, "data.rollout_batch_size")
+  fewest_kept = lambda: int(batches_lib.every_process(len(kept)).min())
   kept: list[Group] = []
   rejected: list[Group] = []
   tries = 0
   sampled = 0
-  while len(kept) < config.num_prompts:
+  while fewest_kept() < num_prompts:
     if tries >= max(config.filter_max_tries, 1):
       break
     try:
@@ -682,19 +784,21 @@ def collect_groups(model, batches: Iterator[Mapping[str, Any]], key: jax.Array,
         kept.append(group)
       else:
         rejected.append(group)
-  fallback = 0
-  if len(kept) < config.num_prompts:
-    fallback = config.num_prompts - len(kept)
-    if fallback > len(rejected):
-      raise RuntimeError(f"collected {len(kept) + len(rejected)} groups in {tries} batches, "
-                         f"fewer than the {config.num_prompts} prompts a step needs")
+  fallback = max(num_prompts - len(kept), 0)
+  # Decided together: a process that raised alone would leave the others waiting.
+  if batches_lib.every_process(fallback > len(rejected)).any():
+    raise RuntimeError(f"collected {len(kept) + len(rejected)} groups in {tries} batches, "
+                       f"fewer than the {num_prompts} prompts a step needs (on a process)")
+  if fallback:
     log.warning("online filtering kept %d of %d groups in %d tries (rl.filter_max_tries); "
                 "filling the batch with %d rejected groups", len(kept), sampled, tries,
                 fallback)
     kept.extend(rejected[-fallback:])
-  kept = kept[:config.num_prompts]
+  kept = kept[:num_prompts]
+  sampled, num_rejected, fallback = (
+      int(v) for v in batches_lib.every_process(np.array([sampled, len(rejected), fallback])).sum(0))
   stats = {"filter_tries": float(tries),
-           "filter_kept_frac": float(sampled - len(rejected)) / max(sampled, 1),
+           "filter_kept_frac": float(sampled - num_rejected) / max(sampled, 1),
            "filter_fallback": float(fallback)}
   return kept, stats
 
@@ -723,10 +827,14 @@ def rollout_from_groups(groups: Sequence[Group]) -> Rollout:
 
 
 def rollout_stats(groups: Sequence[Group], max_new_tokens: int) -> dict[str, float]:
-  rewards = np.concatenate([g.rewards for g in groups])
-  correct = np.concatenate([g.correct for g in groups])
-  lengths = np.concatenate([g.response_mask.sum(-1) for g in groups])
-  advantages = np.concatenate([g.advantages for g in groups])
+  """Reward, accuracy, length and advantage statistics of the step's groups (of all
+  processes: the groups of every process are gathered first)."""
+  gather = batches_lib.concat_across_processes
+  rewards = gather(np.concatenate([g.rewards for g in groups]))
+  correct = gather(np.concatenate([g.correct for g in groups]))
+  lengths = gather(np.concatenate([g.response_mask.sum(-1) for g in groups]))
+  advantages = gather(np.concatenate([g.advantages for g in groups]))
+  zero_advantage = gather(np.array([np.all(g.advantages == 0) for g in groups]))
   return {
       "reward_mean": float(rewards.mean()),
       "reward_std": float(rewards.std()),
@@ -734,8 +842,7 @@ def rollout_stats(groups: Sequence[Group], max_new_tokens: int) -> dict[str, flo
       "response_len": float(lengths.mean()),
       "response_truncated_frac": float(np.mean(lengths >= max_new_tokens)),
       "advantage_abs_mean": float(np.abs(advantages).mean()),
-      "zero_advantage_group_frac": float(np.mean([np.all(g.advantages == 0)
-                                                  for g in groups])),
+      "zero_advantage_group_frac": float(np.mean(zero_advantage)),
   }
 
 
@@ -783,7 +890,8 @@ def grpo_step(learner: Learner, state: TrainState, ref_params, batches: Iterator
 
   group = rollout_config.num_samples
   update_rows = (step_config.update_batch_size or rollout_config.num_prompts) * group
-  num_updates = step_config.num_iterations * max(rollout.num_rows // update_rows, 1)
+  num_rows = rollout.num_rows * learner.processes  # of all processes
+  num_updates = step_config.num_iterations * max(num_rows // update_rows, 1)
   if num_updates > 1:
     rollout.old_logp, _ = learner.logprobs(state.params, rollout)
   if step_config.beta > 0:
@@ -800,7 +908,7 @@ def grpo_step(learner: Learner, state: TrainState, ref_params, batches: Iterator
   metrics.setdefault("kl", 0.0)
   metrics.update(stats)
   metrics.update(rollout_stats(groups, rollout_config.max_new_tokens))
-  tokens = int(rollout.prompt_mask.sum() + rollout.response_mask.sum())
+  tokens = int(batches_lib.every_process(rollout.prompt_mask.sum() + rollout.response_mask.sum()).sum())
   metrics.update({"sample_time_s": sampled - start, "update_time_s": end - sampled,
                   "step_time_s": end - start, "tokens": float(tokens),
                   "tokens_per_s": tokens / max(end - start, 1e-9)})
@@ -843,12 +951,11 @@ def sft_step(learner: Learner, state: TrainState, rollout: Rollout
   step_time_s, tokens_per_s.
   """
   start = time.perf_counter()
-  state, update_metrics = learner.update(state, rollout, loss_name="sft", num_iterations=1,
-                                         update_rows=rollout.num_rows)
+  state, update_metrics = learner.update(state, rollout, loss_name="sft", num_iterations=1)
   state = state.replace(step=state.step + 1)
   metrics = mean_metrics(update_metrics)
   elapsed = time.perf_counter() - start
-  tokens = int(rollout.prompt_mask.sum() + rollout.response_mask.sum())
+  tokens = int(batches_lib.every_process(rollout.prompt_mask.sum() + rollout.response_mask.sum()).sum())
   metrics.update({"step_time_s": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9)})
   return state, metrics
 

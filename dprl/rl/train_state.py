@@ -22,6 +22,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -154,8 +155,18 @@ def abstract_train_state(params: nnx.State, optimizer: optax.GradientTransformat
 
 
 def place(tree, shardings):
-  """device_put every leaf of `tree` into the matching sharding."""
-  return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
+  """device_put every leaf of `tree` into the matching sharding.
+
+  A sharding over several processes' devices takes each process's own copy of the leaf
+  (host values, so every process must hold the same: e.g. the same seeded init).
+  """
+
+  def one(x, sharding):
+    if sharding.is_fully_addressable:
+      return jax.device_put(x, sharding)
+    return jax.device_put(np.asarray(x), sharding)
+
+  return jax.tree.map(one, tree, shardings)
 
 
 def tree_copy(tree, shardings=None) -> Any:

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dprl.models.qwen2_5_vl import Qwen2_5_VL, check_image_inputs, frame_patch_bound
 from dprl.models.text import KVCache
+from dprl.parallel import batches as batches_lib
 from dprl.sampling.processors import sample_tokens
 
 
@@ -123,6 +124,25 @@ def _compiled(graphdef, cfg: SamplingConfig, mesh: Mesh | None, max_frame_patche
   return jax.jit(fn)
 
 
+def jitted(graphdef: nnx.GraphDef, cfg: SamplingConfig, mesh: Mesh | None, max_frame_patches: int | None):
+  """The jitted generation `generate` runs, for ahead-of-time lowering (`dprl.plan`):
+
+      fn(state, input_ids [P, T], attention_mask [P, T], pixel_values [N, D] | None,
+         image_grid_thw [I, 3] | None, key) -> SampleOutput
+
+  with `graphdef, state = nnx.split(model)`, prompts sharded over `data` (when `mesh` is
+  given), images replicated, T and N bucketed as `generate` buckets them (`bucket`,
+  `bucket_images`), and `max_frame_patches = frame_patch_bound(image_grid_thw)`.
+  """
+  return _compiled(graphdef, cfg, mesh, max_frame_patches)
+
+
+def bucket_images(pixel_values: np.ndarray, image_grid_thw: np.ndarray, merge_size: int):
+  """A batch's images padded to a power-of-two patch count (at least 64), as `generate`
+  pads them: (pixel_values [bucket, D], image_grid_thw [I (+1), 3])."""
+  return _pad_patches(pixel_values, image_grid_thw, bucket(pixel_values.shape[0], 64), merge_size)
+
+
 def _pad_prompts(input_ids: np.ndarray, attention_mask: np.ndarray, length: int):
   """Left-pads to `length` (the prompt bucket)."""
   extra = length - input_ids.shape[1]
@@ -146,6 +166,35 @@ def _pad_patches(pixel_values: np.ndarray, grid: np.ndarray, total: int, merge: 
   return pv, np.concatenate([grid, dummy])
 
 
+def _prompts_of_all_processes(input_ids: np.ndarray, attention_mask: np.ndarray, pixel_values, image_grid_thw,
+                              patch_dim: int):
+  """Every process's prompts and images, concatenated in process order (the same arrays on
+  every process), and the rows of this process's prompts among them.
+
+  The prompts are split over `data` only, so with data smaller than the device count (FSDP)
+  a device holds prompts of several hosts: each host needs them all, not just its own.
+  """
+  width = int(batches_lib.every_process(input_ids.shape[1]).max())
+  input_ids, attention_mask = _pad_prompts(input_ids, attention_mask, width)
+  counts = batches_lib.every_process(input_ids.shape[0])
+  start = int(counts[:jax.process_index()].sum())
+  rows = slice(start, start + input_ids.shape[0])
+  if pixel_values is None:
+    pixel_values, image_grid_thw = np.zeros((0, patch_dim), np.float32), np.zeros((0, 3), np.int32)
+  pixel_values = batches_lib.concat_across_processes(np.asarray(pixel_values, np.float32))
+  image_grid_thw = batches_lib.concat_across_processes(np.asarray(image_grid_thw, np.int32).reshape(-1, 3))
+  if not len(image_grid_thw):
+    pixel_values = image_grid_thw = None
+  return (batches_lib.concat_across_processes(input_ids), batches_lib.concat_across_processes(attention_mask),
+          pixel_values, image_grid_thw, rows)
+
+
+def _rows_of(out: SampleOutput, rows: slice, num_samples: int) -> SampleOutput:
+  """This process's samples (prompt-major rows of its prompts) of a global output, on the host."""
+  samples = slice(rows.start * num_samples, rows.stop * num_samples)
+  return SampleOutput(*(batches_lib.to_host(x)[samples] for x in out))
+
+
 def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | jax.Array = 0, eos_token_id: int | Sequence[int] | None = None,
@@ -159,8 +208,13 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
     eos_token_id: id(s) that end a row (default: the model config's eos_token_id).
     seed: an int or a PRNG key.
     mesh: if given, prompts are split over `data` and the cache over `tensor` (heads).
+      With several processes (multi-host) and a mesh, every argument is this process's
+      share (its prompts and their images, as its pipeline gave them; the processes
+      may differ in prompt width and count): they are gathered into one global batch
+      in process order, and the output holds this process's samples only.
   Returns:
-    SampleOutput with rows ordered prompt-major: row p * num_samples + j is sample j of prompt p.
+    SampleOutput with rows ordered prompt-major: row p * num_samples + j is sample j of prompt p;
+    NumPy arrays of this process's prompts with several processes.
   """
   mcfg = model.config
   input_ids = np.asarray(input_ids)
@@ -177,19 +231,26 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
   cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
                        top_k=int(top_k), num_samples=num_samples, eos_token_ids=eos, pad_token_id=int(pad))
   cfg.validate()
+  rows = None  # several processes: this process's prompts within the global batch
+  if mesh is not None and jax.process_count() > 1:
+    input_ids, attention_mask, pixel_values, image_grid_thw, rows = _prompts_of_all_processes(
+        input_ids, attention_mask, pixel_values, image_grid_thw, mcfg.vision.patch_dim)
   if bucket_prompts:
     input_ids, attention_mask = _pad_prompts(input_ids, attention_mask, bucket(input_ids.shape[1]))
   if pixel_values is not None:
     pixel_values = np.asarray(pixel_values, np.float32)
     image_grid_thw = np.asarray(image_grid_thw, np.int32)
     if bucket_prompts:
-      pixel_values, image_grid_thw = _pad_patches(pixel_values, image_grid_thw, bucket(pixel_values.shape[0], 64),
-                                                  mcfg.vision.spatial_merge_size)
+      pixel_values, image_grid_thw = bucket_images(pixel_values, image_grid_thw, mcfg.vision.spatial_merge_size)
   key = jax.random.key(seed) if isinstance(seed, int) else seed
   graphdef, state = nnx.split(model)
   batch_args = [jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32)]
+  if rows is not None:
+    # Host values (the same on every process) place onto devices of other processes too.
+    batch_args = [np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32)]
   if mesh is not None:
     batch_sharding = NamedSharding(mesh, P("data"))
     batch_args = [jax.device_put(a, batch_sharding) for a in batch_args]
   bound = frame_patch_bound(image_grid_thw)
-  return _compiled(graphdef, cfg, mesh, bound)(state, *batch_args, pixel_values, image_grid_thw, key)
+  out = _compiled(graphdef, cfg, mesh, bound)(state, *batch_args, pixel_values, image_grid_thw, key)
+  return out if rows is None else _rows_of(out, rows, num_samples)
