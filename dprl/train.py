@@ -90,14 +90,16 @@ def jsonl_records(data: ml_collections.ConfigDict) -> list:
 
 
 def held_out_evaluator(config: ml_collections.ConfigDict, tokenizer):
-  """The `eval` section as a PeriodicEval on held-out items, or None when eval.every = 0.
+  """The `eval` section as PeriodicEvals on held-out items (greedy as "eval/*", and with
+  eval.sampled_num_samples > 0 also sampled as "eval_sampled/*"), or None when
+  eval.every = 0.
 
   Items: the synthetic benchmark's test split (disjoint from the training split) for a
   synthetic source, else `eval.path` read with `data.layout`.
   """
   if not config.eval.every:
     return None
-  from dprl.evaluation.periodic import PeriodicEval  # pylint: disable=g-import-not-at-top
+  from dprl.evaluation.periodic import EvalSuite, PeriodicEval  # pylint: disable=g-import-not-at-top
   from dprl.data.templates import TemplateConfig  # pylint: disable=g-import-not-at-top
   ev, data = config.eval, config.data
   if ev.path:
@@ -112,13 +114,21 @@ def held_out_evaluator(config: ml_collections.ConfigDict, tokenizer):
     raise ValueError("eval.every > 0 needs eval.path or eval.synthetic_tasks for a "
                      f"data.source = {data.source!r} run")
   reward_params = {k: v for k, v in config.rl.reward.to_dict().items() if v is not None}
-  return PeriodicEval(
+  make = lambda num_samples, temperature, prefix: PeriodicEval(
       records, tokenizer, every=ev.every,
       template=TemplateConfig(names=data.template, system_prompt=data.system_prompt),
       max_new_tokens=config.sampling.max_new_tokens, batch_size=ev.batch_size,
-      num_samples=ev.num_samples, temperature=ev.temperature, min_pixels=data.min_pixels,
+      num_samples=num_samples, temperature=temperature, min_pixels=data.min_pixels,
       max_pixels=data.max_pixels, reward_fn=config.rl.reward_fn, reward_params=reward_params,
-      seed=config.seed)
+      seed=config.seed, prefix=prefix)
+  evaluators = [make(ev.num_samples, ev.temperature, "eval/")]
+  if ev.sampled_num_samples:
+    # The policy RL trains, sampled as in training: its pass rate moves before the greedy
+    # answers flip (a sharper distribution first raises the sampled accuracy toward the
+    # greedy one), and K samples per item average out much of a greedy curve's swing.
+    # The same seed every time, so checkpoints are compared on the same random draws.
+    evaluators.append(make(ev.sampled_num_samples, ev.sampled_temperature, "eval_sampled/"))
+  return EvalSuite(evaluators)
 
 
 def make_pipeline(config: ml_collections.ConfigDict, records, tokenizer, *, batch_size: int,

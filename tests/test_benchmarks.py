@@ -35,3 +35,23 @@ def test_grpo_step_benchmark_quick_tiny_writes_its_json(tmp_path):
       tiny["update_flops_per_s"] / result["matmul_flops_per_s"])
   # The jaxpr count (scan bodies times their length) agrees with the analytic formula.
   assert tiny["update_flops"] == pytest.approx(tiny["update_flops_analytic"], rel=0.1)
+
+
+@pytest.mark.slow
+def test_sampler_benchmark_quick_tiny_writes_its_json(tmp_path):
+  out = tmp_path / "sampler.json"
+  cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "sampler.py"), "--quick",
+         "--configs", "tiny", "--rounds", "2", "--repeats", "1", "--json", str(out)]
+  env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "speedup_vs_transformers" in proc.stdout  # the table
+  tiny = json.loads(out.read_text())["configs"]["tiny"]
+  for key in ("dprl_tokens_per_s", "transformers_tokens_per_s", "peak_rss_mb"):
+    assert tiny[key] > 0, key
+  # The best of the alternating rounds is what is reported, and the ratio is of those.
+  assert len(tiny["rounds_tokens_per_s"]["dprl"]) == 2
+  assert tiny["dprl_tokens_per_s"] == max(tiny["rounds_tokens_per_s"]["dprl"])
+  assert tiny["speedup_vs_transformers"] == pytest.approx(
+      tiny["dprl_tokens_per_s"] / tiny["transformers_tokens_per_s"])

@@ -54,3 +54,19 @@ class PeriodicEval:
     for level, group in summary["by_level"].items():
       out[f"{p}accuracy_level_{level}"] = float(group["accuracy"])
     return out
+
+
+class EvalSuite:
+  """Several PeriodicEvals as one hook: their metrics merged (each has its own prefix)."""
+
+  def __init__(self, evaluators: Sequence[PeriodicEval]):
+    prefixes = [e.prefix for e in evaluators]
+    if len(set(prefixes)) != len(prefixes):
+      raise ValueError(f"evaluators share a metric prefix: {prefixes}")
+    self.evaluators = list(evaluators)
+
+  def __call__(self, step: int, model, final: bool = False) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for evaluator in self.evaluators:
+      out.update(evaluator(step, model, final=final))
+    return out
