@@ -126,6 +126,10 @@ def base() -> ml_collections.ConfigDict:
   c.eval.batch_size = 64
   c.eval.num_samples = 1
   c.eval.temperature = 0.0
+  # Also the sampled policy's accuracy ("eval_sampled/*"): K samples per item at this
+  # temperature, 0 = off.
+  c.eval.sampled_num_samples = 0
+  c.eval.sampled_temperature = 1.0
   c.eval.path = ""  # a file of data.layout; "" = the synthetic test split
   c.eval.synthetic_tasks = ""  # "" = data.tasks
   c.eval.language_prior_fraction = 0.0
@@ -204,20 +208,29 @@ def cpu_demo(c: ml_collections.ConfigDict) -> None:
   model counting red shapes in 56x56 images, sized and tuned from
   shared/docs/tiny-rl-facts.md to show an RL gain on 2 CPU cores in minutes."""
   c.model.preset = "cpu_demo"
+  # The warm start from a random init reads the image or learns only the answer prior,
+  # by chance (dprl.demo.probe_warm_start; seeds 0 and 1 took the prior on the 2-core
+  # machine the demo was tuned on, seed 2 read the image). The demo starts from seed 2
+  # and, where float rounding sends it elsewhere, retries with the next seeds.
+  c.seed = 2
   c.tokenizer = "small_words"  # whole-word tokens: ~3x shorter sequences than characters
   c.data.source = "synthetic"
-  c.data.tasks = "count_color"
+  c.data.tasks = "count_red"  # the prototype's task; count_color also binds the colour asked
   c.data.num_items = 4000
   c.data.image_size = 56
   c.data.language_prior_fraction = 0.0
   c.data.template = "plain"
   c.data.system_prompt = "Answer."
-  c.data.max_prompt_length = 64
+  # Every prompt is 38 tokens (16 of them the image's); a 40-token bucket instead of 64
+  # cuts the update's cost by about 40%.
+  c.data.max_prompt_length = 40
   c.data.max_pixels = 56 * 56
   c.data.rollout_batch_size = 16  # P
   c.sampling.num_samples = 8  # G
   c.sampling.max_new_tokens = 12
-  c.sft.steps = 100
+  # tiny-rl-facts.md: the warm start has a sharp threshold (too short: the model answers
+  # "1"; too long: no room left for RL). 130 steps give 47% held-out greedy accuracy.
+  c.sft.steps = 130
   c.sft.batch_size = 64
   c.sft.learning_rate = 1e-3
   c.sft.warmup_steps = 10
@@ -229,12 +242,17 @@ def cpu_demo(c: ml_collections.ConfigDict) -> None:
   c.rl.chunk_size = 16
   c.rl.estimator = "dr_grpo"
   c.rl.difficulty_weighting = "exp"
-  c.optim.learning_rate = 5e-5
+  c.optim.learning_rate = 1e-4  # tiny-rl-facts.md; 3e-4 lost 7 points in 50 steps here
+  c.optim.warmup_steps = 10
   c.optim.weight_decay = 0.0
   c.total_steps = 300
   c.eval.every = 25
   c.eval.num_items = 500
   c.eval.batch_size = 100
+  # Greedy accuracy lags: RL first sharpens the sampled distribution toward the greedy
+  # answer. Measured from this warm start, 200 steps: greedy 47.2% -> 52.6%, sampled
+  # (T = 1, 4 per item) 37.9% -> 46.8%.
+  c.eval.sampled_num_samples = 4
   c.checkpoint.every = 50
   c.mesh.data = 1
 

@@ -430,22 +430,28 @@ def run_selection(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   return report
 
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "RAP config file, e.g. configs/rap.py:tiny", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "output folder (resumed if it has scores)")
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """--config and --workdir; defined by `run`, not on import, so that importing this
+  module beside another entry point's --config (dprl.demo, dprl.sweep, tests) works."""
+  config_flags.DEFINE_config_file("config", None, "RAP config file, e.g. configs/rap.py:tiny",
+                                  flag_values=flag_values, lock_config=True)
+  flags.DEFINE_string("workdir", None, "output folder (resumed if it has scores)",
+                      flag_values=flag_values)
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None:
+  values = flags.FLAGS
+  if values.config is None:
     raise app.UsageError("--config is required, e.g. --config configs/rap.py:tiny")
-  if not _WORKDIR.value:
+  if not values.workdir:
     raise app.UsageError("--workdir is required")
-  run_selection(_CONFIG.value, _WORKDIR.value)
+  run_selection(values.config, values.workdir)
 
 
 def run() -> None:
+  define_flags()
   app.run(main)
 
 
