@@ -161,3 +161,20 @@ def test_a_real_preset_compiles_ahead_of_time_with_small_batches():
   assert set(result["phases"]) == set(plan_lib.PHASES) and result["fits"] is not None
   # The KV cache is a temporary of the sampler: XLA's count includes it.
   assert result["bytes"]["temporaries_sampling"] >= result["bytes"]["kv_cache"]
+
+
+@pytest.mark.slow
+def test_residual_rows_over_fsdp_cut_the_update_temporaries(monkeypatch):
+  # Without the activation rule XLA splits the micro-batch's activations over the hidden
+  # size (following the weights), so each of the 8 fsdp devices computes all 8 rows; with
+  # it each computes its own. Tiny preset, 8 rows of 256 + 256 tokens, no remat.
+  from dprl.models import sharding
+  config = recipe("tiny", **{
+      "mesh.data": 1, "mesh.fsdp": 8, "mesh.tensor": 1, "data.rollout_batch_size": 8,
+      "rl.update_batch_size": 8, "data.max_prompt_length": 256, "sampling.max_new_tokens": 256,
+      "rl.micro_batch_size": 8, "rl.logprob_micro_batch_size": 8, "model.remat_policy": "none"})
+  temp = lambda: plan_lib.plan(config, num_devices=8, images_per_prompt=0)["compiled"]["update"]["temp"]
+  constrained = temp()
+  monkeypatch.delitem(sharding.ACTIVATION_RULES, "residual")
+  unconstrained = temp()
+  assert constrained < 0.65 * unconstrained, (constrained, unconstrained)

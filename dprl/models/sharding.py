@@ -4,6 +4,12 @@ Mesh axes: `data` (batch only), `fsdp` (parameters and optimizer state sharded, 
 per layer), `tensor` (Megatron-style: column-parallel q/k/v, gate/up; row-parallel o, down).
 Stacked layer parameters carry a leading layer axis, which is never sharded. The first
 rule whose regex matches (re.search) a dotted path wins.
+
+Activations have rules too (`ACTIVATION_RULES`, logical name -> PartitionSpec), applied by
+`constrain` inside the model when a mesh is in context (`jax.sharding.use_abstract_mesh`,
+as the learner traces under its mesh). Without them XLA's propagation follows the
+parameters and splits the residual stream over the hidden size (the embedding's
+`P("tensor", "fsdp")`), so every fsdp device computes every row of a micro-batch.
 """
 
 from __future__ import annotations
@@ -41,6 +47,57 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     # Norm scales, remaining biases: replicated.
     (r".*", P()),
 )
+
+
+# Batch rows are split over both data-parallel axes: fsdp gathers parameters per layer, so
+# each of its devices must compute its own rows (as `data` does).
+BATCH_AXES = ("data", "fsdp")
+
+ACTIVATION_RULES: dict[str, P] = {
+    # The decoder's residual stream [B, T, D] (embedding output and every layer's output):
+    # rows over the batch axes, positions over `tensor` (Megatron's sequence parallelism:
+    # row-parallel o/down reduce-scatter into it, column-parallel q/k/v, gate/up gather it).
+    "residual": P(BATCH_AXES, "tensor", None),
+}
+
+
+def activation_spec(name: str, shape: tuple[int, ...], mesh,
+                    rules: dict[str, P] = ACTIVATION_RULES) -> P | None:
+  """The rule's spec for activation `name` of `shape` on `mesh` (concrete or abstract), or
+  None (unconstrained) when there is no rule for `name`, or an axis of the rule does not
+  divide its dimension or is not in the mesh.
+
+  Unlike parameters (`spec_for` replicates a non-dividing dimension), an activation that
+  does not split is left unconstrained: replicating it would be worse than letting XLA choose.
+  """
+  spec = rules.get(name)
+  if spec is None:
+    return None
+  fitted = []
+  for i, (dim, axis) in enumerate(zip(shape, spec)):
+    names = (axis,) if isinstance(axis, str) else tuple(axis or ())
+    if any(n not in mesh.shape for n in names):
+      return None
+    size = 1
+    for n in names:
+      size *= mesh.shape[n]
+    if dim % size:
+      if i == 0:
+        return None
+      axis = None  # e.g. a sequence that does not split over tensor: replicated there
+    fitted.append(axis)
+  return P(*fitted)
+
+
+def constrain(x: jax.Array, name: str, rules: dict[str, P] = ACTIVATION_RULES) -> jax.Array:
+  """`x` constrained to activation rule `name` on the mesh in context; `x` itself when no
+  mesh is in context (one device, or a caller that does not set one) or the rule does not
+  divide `x`'s shape."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  spec = activation_spec(name, tuple(x.shape), mesh, rules)
+  return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
 def path_str(path: Sequence) -> str:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dprl.models import layers
+from dprl.models.sharding import constrain
 from dprl.models.config import HF_INITIALIZER_RANGE, TextConfig
 
 REMAT_POLICIES = {
@@ -95,8 +96,10 @@ class DecoderLayer(nnx.Module):
                query_chunk=None):
     h, new_cache, probs = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv,
                                          cache_index, return_probs, query_chunk)
-    x = x + h
-    return x + self.mlp(self.post_attention_layernorm(x)), new_cache, probs
+    # The residual stream keeps its rows split over the batch axes (`constrain`), in the
+    # backward pass too, instead of following the weights onto the hidden size.
+    x = constrain(x + h, "residual")
+    return constrain(x + self.mlp(self.post_attention_layernorm(x)), "residual"), new_cache, probs
 
 
 class TextDecoder(nnx.Module):
@@ -134,7 +137,12 @@ class TextDecoder(nnx.Module):
     With `stop_at_layer` L, only layers 0..L-1 run and x is the residual stream entering
     layer L (its input, before its input_layernorm); no cache then. `query_chunk`: every
     layer attends that many queries at a time (`layers.attention`).
+
+    With a mesh in context (`jax.sharding.use_abstract_mesh`) the residual stream is
+    constrained by `sharding.ACTIVATION_RULES["residual"]` (rows over data and fsdp);
+    without one, nothing changes.
     """
+    x = constrain(x, "residual")
     layer_def, layer_state = nnx.split(self.layers)
     policy = REMAT_POLICIES[self.remat_policy]
     n = self.cfg.num_hidden_layers

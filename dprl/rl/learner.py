@@ -393,11 +393,14 @@ class Learner:
 
   def _forward(self, params, batch, with_entropy: bool = True, frame_bound: int | None = None):
     model = nnx.merge(self.graphdef, params, self.rest)
-    return response_logprobs(
-        model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
-        batch["response_mask"], batch.get("pixel_values"), batch.get("image_grid_thw"),
-        temperature=self.config.temperature, chunk_size=self.config.chunk_size,
-        with_entropy=with_entropy, max_frame_patches=frame_bound)
+    # The mesh in context lets the model constrain its activations (rows over data and
+    # fsdp, `sharding.ACTIVATION_RULES`); traced, so it holds while jit traces.
+    with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+      return response_logprobs(
+          model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
+          batch["response_mask"], batch.get("pixel_values"), batch.get("image_grid_thw"),
+          temperature=self.config.temperature, chunk_size=self.config.chunk_size,
+          with_entropy=with_entropy, max_frame_patches=frame_bound)
 
   def _loss_and_grad(self, params, batch, loss_name: str, frame_bound: int | None = None):
     loss_fn = LOSSES[loss_name]
