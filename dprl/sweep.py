@@ -183,6 +183,36 @@ def tiny_sizes(train: ml_collections.ConfigDict) -> None:
   train.logging.tensorboard = False
 
 
+VARIANTS = ("tiny", "cpu_demo")
+
+
+def grpo_config(configs_dir: str, variant: str) -> ml_collections.ConfigDict:
+  """`configs/grpo.py:<variant>`, with the tiny experiments' sizes for "tiny"."""
+  from dprl.cli import load_config  # pylint: disable=g-import-not-at-top
+  train = load_config(f"{configs_dir}/grpo.py:{variant}")
+  if variant == "tiny":
+    tiny_sizes(train)
+  return train
+
+
+def experiment_base(configs_dir: str, experiment: str, arg: str | None, title: str
+                    ) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict, str]:
+  """What every experiment file starts from: its variant checked (default cpu_demo), the
+  warm-start config (`grpo.py:<variant>`) and the titled base config around it.
+
+  Returns (config, warm-start config, variant)."""
+  variant = arg or "cpu_demo"
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r} of configs/experiments/{experiment}.py; "
+                     f"known: {', '.join(VARIANTS)}")
+  warm_start = grpo_config(configs_dir, variant)
+  if variant == "tiny":
+    tiny_warm_start(warm_start)
+  c = base_config(warm_start)
+  c.title = f"{title}, {variant}"
+  return c, warm_start, variant
+
+
 def tiny_warm_start(train: ml_collections.ConfigDict) -> None:
   """A warm start long enough for the tiny preset to write answers in the response
   format, so curation and selection see some right and some wrong answers."""

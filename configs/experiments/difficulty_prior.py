@@ -40,23 +40,10 @@ ARMS = ("all_data", "curated", "curated_dr_grpo", *(f"curated_{w}" for w in WEIG
         "two_stage_hints")
 
 
-def _grpo(variant: str) -> ml_collections.ConfigDict:
-  train = load_config(f"{CONFIGS}/grpo.py:{variant}")
-  if variant == "tiny":
-    sweep.tiny_sizes(train)
-  return train
-
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "cpu_demo"
-  if variant not in ("tiny", "cpu_demo"):
-    raise ValueError(f"unknown variant {variant!r} of configs/experiments/difficulty_prior.py; "
-                     "known: tiny, cpu_demo")
-  warm_start = _grpo(variant)
-  if variant == "tiny":
-    sweep.tiny_warm_start(warm_start)
-  c = sweep.base_config(warm_start)
-  c.title = f"Difficulty prior (issue 6), {variant}"
+  c, warm_start, variant = sweep.experiment_base(CONFIGS, "difficulty_prior", arg,
+                                                    "Difficulty prior (issue 6)")
   # tiny: 3, so that stage 2 of two_stage_hints (a third) has a step.
   c.total_steps = ml_collections.FieldReference(3 if variant == "tiny" else 120)
   c.best_weighting = ml_collections.FieldReference("exp")
@@ -70,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   kept = "{workdir}/base/curate/kept.jsonl"
 
   def arm(path: str, estimator: str, weighting: str) -> ml_collections.ConfigDict:
-    train = _grpo(variant)
+    train = sweep.grpo_config(CONFIGS, variant)
     sweep.jsonl_data(train, path)
     train.sft.steps = 0  # the base is warm already
     train.total_steps = c.get_ref("total_steps")

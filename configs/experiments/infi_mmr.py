@@ -31,12 +31,6 @@ from dprl.cli import load_config
 CONFIGS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _grpo(variant: str) -> ml_collections.ConfigDict:
-  train = load_config(f"{CONFIGS}/grpo.py:{variant}")
-  if variant == "tiny":
-    sweep.tiny_sizes(train)
-  return train
-
 
 def _phases(variant: str, eval_every: int) -> ml_collections.ConfigDict:
   curriculum = load_config(f"{CONFIGS}/infi_mmr.py:{variant}")
@@ -50,15 +44,8 @@ def _phases(variant: str, eval_every: int) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "cpu_demo"
-  if variant not in ("tiny", "cpu_demo"):
-    raise ValueError(f"unknown variant {variant!r} of configs/experiments/infi_mmr.py; "
-                     "known: tiny, cpu_demo")
-  warm_start = _grpo(variant)
-  if variant == "tiny":
-    sweep.tiny_warm_start(warm_start)
-  c = sweep.base_config(warm_start)
-  c.title = f"Infi-MMR phased curriculum (issue 8), {variant}"
+  c, warm_start, variant = sweep.experiment_base(CONFIGS, "infi_mmr", arg,
+                                                    "Infi-MMR phased curriculum (issue 8)")
   c.total_steps = ml_collections.FieldReference(3 if variant == "tiny" else 120)
   c.seeds = "0,1" if variant == "tiny" else "0,1,2"
   eval_every = warm_start.eval.every

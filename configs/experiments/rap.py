@@ -29,30 +29,16 @@ import os
 import ml_collections
 
 from dprl import sweep
-from dprl.cli import load_config
 
 CONFIGS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = {"rap": "{workdir}/base/rap/selected.jsonl", "random": "{workdir}/base/rap/random.jsonl",
         "all_data": "{workdir}/base/pool.jsonl"}
 
 
-def _grpo(variant: str) -> ml_collections.ConfigDict:
-  train = load_config(f"{CONFIGS}/grpo.py:{variant}")
-  if variant == "tiny":
-    sweep.tiny_sizes(train)
-  return train
-
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "cpu_demo"
-  if variant not in ("tiny", "cpu_demo"):
-    raise ValueError(f"unknown variant {variant!r} of configs/experiments/rap.py; known: "
-                     "tiny, cpu_demo")
-  warm_start = _grpo(variant)
-  if variant == "tiny":
-    sweep.tiny_warm_start(warm_start)
-  c = sweep.base_config(warm_start)
-  c.title = f"RAP data selection (issue 7), {variant}"
+  c, warm_start, variant = sweep.experiment_base(CONFIGS, "rap", arg,
+                                                    "RAP data selection (issue 7)")
   c.total_steps = ml_collections.FieldReference(2 if variant == "tiny" else 120)
   c.seeds = "0,1" if variant == "tiny" else "0,1,2"
   c.base.pool_items = 64 if variant == "tiny" else 1200
@@ -67,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     rap.select.target_size = warm_start.data.rollout_batch_size
   eval_items = 8 if variant == "tiny" else 500
   for name, path in DATA.items():
-    train = _grpo(variant)
+    train = sweep.grpo_config(CONFIGS, variant)
     sweep.jsonl_data(train, path)
     train.sft.steps = 0  # the base is warm already
     train.total_steps = c.get_ref("total_steps")
