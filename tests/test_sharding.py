@@ -59,3 +59,9 @@ def test_activation_spec_drops_the_rule_when_the_rows_do_not_split_or_an_axis_is
   assert sharding.activation_spec("no_such_activation", (8, 16, 32), mesh) is None
   other = jax.sharding.AbstractMesh((8,), ("rows",))
   assert sharding.activation_spec("residual", (8, 16, 32), other) is None
+
+
+def test_vision_patches_split_over_the_batch_axes_when_they_divide():
+  mesh = make_mesh(2, 4, 1)
+  assert sharding.activation_spec("patches", (64, 32), mesh) == P(("data", "fsdp"), None)
+  assert sharding.activation_spec("patches", (60, 32), mesh) is None

@@ -58,6 +58,9 @@ ACTIVATION_RULES: dict[str, P] = {
     # rows over the batch axes, positions over `tensor` (Megatron's sequence parallelism:
     # row-parallel o/down reduce-scatter into it, column-parallel q/k/v, gate/up gather it).
     "residual": P(BATCH_AXES, "tensor", None),
+    # The vision tower's patch stream [N, D] (window order): patches over the batch axes
+    # (images arrive replicated; block-local attention gathers what crosses a split).
+    "patches": P(BATCH_AXES, None),
 }
 
 

@@ -18,6 +18,7 @@ from flax import nnx
 
 from dprl.models import layers, rope
 from dprl.models.config import VisionConfig
+from dprl.models.sharding import constrain
 
 
 class VisionLayout(NamedTuple):
@@ -175,9 +176,11 @@ class VisionTower(nnx.Module):
       blk = nnx.merge(block_def, state)
       windowed = lambda h: blk(h, cos, sin, lay.window_segment, window_block)
       frames = lambda h: blk(h, cos, sin, lay.frame_segment, max_frame_patches)
-      return jax.lax.cond(full, frames, windowed, h), None
+      return constrain(jax.lax.cond(full, frames, windowed, h), "patches"), None
 
-    x, _ = jax.lax.scan(body, x, (block_state, is_full))
+    # With a mesh in context the patches' rows split over the batch axes, as the decoder's
+    # rows do; otherwise every device runs the tower on every image of the micro-batch.
+    x, _ = jax.lax.scan(body, constrain(x, "patches"), (block_state, is_full))
     merged = self.merger(x)
     # Undo the window permutation at merge-unit granularity.
     unit_order = lay.window_order[:: cfg.spatial_merge_size**2] // cfg.spatial_merge_size**2
