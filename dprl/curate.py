@@ -315,6 +315,7 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
     raise app.UsageError("--config is required, e.g. --config configs/curate.py:tiny")
   if not flag_values.workdir:
     raise app.UsageError("--workdir is required")
+  cli.setup_logging()
   curate(flag_values.config, flag_values.workdir)
 
 

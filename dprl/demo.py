@@ -246,7 +246,7 @@ def print_summary(summary: dict[str, Any], workdir: pathlib.Path, elapsed: float
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  cli.setup_logging()
   start = time.time()
   values = flags.FLAGS
   workdir = pathlib.Path(values.workdir)

@@ -317,6 +317,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError("--config is required, e.g. --config configs/eval.py:tiny")
   if flags.FLAGS.checkpoint is not None:
     config.checkpoint = flags.FLAGS.checkpoint
+  cli.setup_logging()
   evaluate(config, workdir=flags.FLAGS.workdir)
 
 

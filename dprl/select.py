@@ -53,6 +53,7 @@ import tqdm
 from absl import app, flags
 from ml_collections import config_flags
 
+from dprl import cli
 from dprl import resumable
 from dprl.resumable import drop_torn_tail
 from dprl import eval as eval_lib
@@ -447,6 +448,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError("--config is required, e.g. --config configs/rap.py:tiny")
   if not values.workdir:
     raise app.UsageError("--workdir is required")
+  cli.setup_logging()
   run_selection(values.config, values.workdir)
 
 

@@ -54,8 +54,9 @@ from ml_collections import config_dict
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-EVAL_KEY = "eval/accuracy"
-LEVEL_PREFIX = "eval/accuracy_level_"
+# Held-out metric families a run logs (dprl.evaluation.periodic): "<prefix>/accuracy" and
+# "<prefix>/accuracy_level_<k>".
+METRIC_LABELS = {"eval": "greedy", "eval_sampled": "sampled (T=1)"}
 RUN_FILE = "RUN.json"  # a run's marker: attempts, wall time, done
 RUN_CONFIG_FILE = "curriculum.json"  # the resolved curriculum a run was made with
 BASE_DIR = "base"
@@ -96,6 +97,10 @@ def base_config(warm_start: ml_collections.ConfigDict) -> ml_collections.ConfigD
   c.baseline_arm = ""
   c.last_evals = 3  # final accuracy: the mean of this many last evaluations
   c.smoothing = 3  # curves.png: moving-average window, in evaluations
+  # The held-out metrics summarised, comma-separated: the first into results.json/.md and
+  # curves.png, each other one (where the runs logged it) into results.<metric>.json/.md
+  # and curves.<metric>.png. eval_sampled (T = 1) moves before greedy does (demo.py).
+  c.metrics = "eval,eval_sampled"
   c.dry_run = False  # print the plan (runs, steps, rollouts) and exit
   # JAX's persistent compilation cache in WORKDIR/jax_cache: the runs after the first of
   # each shape skip XLA compilation (a tiny run: ~55 s -> ~12 s). Off if one is set already.
@@ -704,10 +709,16 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     for i, run in enumerate(plan, 1):
       if execute_run(run, i, len(plan), int(config.last_evals)) is None:
         failed.append(f"{run['arm']} seed {run['seed']}")
-  results = collect_results(config, root, plan)
+  main_metric, *other_metrics = metric_names(config)
+  results = collect_results(config, root, plan, main_metric)
   results["base"]["prepared"] = base
-  write_results(results, root, config)
-  print(f"[sweep] wrote {root / 'results.json'}, {root / 'results.md'}, {root / 'curves.png'}")
+  written = write_results(results, root, config)
+  for metric in other_metrics:
+    extra = collect_results(config, root, plan, metric)
+    if any(r["curve"] for arm in extra["arms"].values() for r in arm["runs"]):
+      extra["base"]["prepared"] = base
+      written += write_results(extra, root, config, suffix=f".{metric}")
+  print(f"[sweep] wrote {', '.join(str(p) for p in written)}")
   print((root / "results.md").read_text())
   if failed:
     raise SystemExit(f"[sweep] {len(failed)} run(s) failed: {', '.join(failed)}; see their "
@@ -724,12 +735,13 @@ def _level_key(level: str) -> tuple:
   return (0, int(level), "") if level.isdigit() else (1, 0, level)
 
 
-def eval_curve(phases: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def eval_curve(phases: Sequence[Mapping[str, Any]], metric: str = "eval") -> list[dict[str, Any]]:
   """The held-out evaluations of a run's phases on one axis.
 
   Args:
     phases: in order, each {"name", "rows" (metrics.jsonl rows), "steps" (the phase's
       steps), "rollouts_per_step"}.
+    metric: the metric family ("eval": greedy, "eval_sampled": T = 1).
 
   Returns:
     [{"phase", "step", "rollouts", "accuracy", "by_level"}]: steps and rollouts offset by
@@ -737,18 +749,19 @@ def eval_curve(phases: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     model, measured with this phase's prompts) replaces the previous phase's last one at
     the same step.
   """
+  key, level_prefix = f"{metric}/accuracy", f"{metric}/accuracy_level_"
   curve: list[dict[str, Any]] = []
   step_offset = rollout_offset = 0
   for phase in phases:
     per_step = int(phase["rollouts_per_step"])
     for row in phase["rows"]:
-      if row.get(EVAL_KEY) is None:
+      if row.get(key) is None:
         continue
       point = {"phase": phase["name"], "step": step_offset + int(row["step"]),
                "rollouts": rollout_offset + int(row["step"]) * per_step,
-               "accuracy": float(row[EVAL_KEY]),
-               "by_level": {k[len(LEVEL_PREFIX):]: float(v) for k, v in row.items()
-                            if k.startswith(LEVEL_PREFIX) and v is not None}}
+               "accuracy": float(row[key]),
+               "by_level": {k[len(level_prefix):]: float(v) for k, v in row.items()
+                            if k.startswith(level_prefix) and v is not None}}
       if curve and curve[-1]["step"] == point["step"]:
         curve[-1] = point
       else:
@@ -797,11 +810,12 @@ def load_run(run_dir: pathlib.Path, phase_order: Sequence[str]) -> dict[str, Any
   return {"phases": phases, "wall_s": state.get("wall_s")}
 
 
-def summarize_run(run: Mapping[str, Any], last: int,
-                  base_accuracy: float | None = None) -> dict[str, Any]:
-  """One run's curve, final accuracy (mean of the last `last` evaluations), gain over
-  `base_accuracy` (default: the run's own step-0 evaluation) and end-of-run accuracies."""
-  curve = eval_curve(run["phases"])
+def summarize_run(run: Mapping[str, Any], last: int, base_accuracy: float | None = None,
+                  metric: str = "eval") -> dict[str, Any]:
+  """One run's curve of `metric`, final accuracy (mean of the last `last` evaluations),
+  gain over `base_accuracy` (default: the run's own step-0 evaluation) and end-of-run
+  accuracies."""
+  curve = eval_curve(run["phases"], metric)
   final = final_accuracy(curve, last)
   if base_accuracy is None and curve and curve[0]["step"] == 0:
     base_accuracy = curve[0]["accuracy"]
@@ -831,8 +845,9 @@ def aggregate_arm(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def collect_results(config: ml_collections.ConfigDict, root: pathlib.Path,
-                    plan: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-  """results.json's contents from the finished runs of `plan` (unfinished ones listed)."""
+                    plan: Sequence[Mapping[str, Any]], metric: str = "eval") -> dict[str, Any]:
+  """results.json's contents for held-out `metric` from the finished runs of `plan`
+  (unfinished ones listed)."""
   last = int(config.last_evals)
   loaded, missing = {}, []
   for run in plan:
@@ -845,7 +860,7 @@ def collect_results(config: ml_collections.ConfigDict, root: pathlib.Path,
   base_by_seed: dict[int, float] = {}
   for arm in [config.baseline_arm] * bool(config.baseline_arm) + arm_names(config):
     for (run_arm, seed), run in loaded.items():
-      curve = eval_curve(run["phases"][:1])
+      curve = eval_curve(run["phases"][:1], metric)
       if run_arm == arm and curve and curve[0]["step"] == 0:
         base_by_seed.setdefault(seed, curve[0]["accuracy"])
   arms: dict[str, Any] = {}
@@ -855,14 +870,15 @@ def collect_results(config: ml_collections.ConfigDict, root: pathlib.Path,
       if run["arm"] != arm or (arm, run["seed"]) not in loaded:
         continue
       base = base_by_seed.get(run["seed"]) if config.baseline_arm in arm_names(config) else None
-      summary = summarize_run(loaded[(arm, run["seed"])], last, base)
+      summary = summarize_run(loaded[(arm, run["seed"])], last, base, metric)
       runs.append({"seed": run["seed"], "dir": str(run["dir"]), **summary})
     phases = next((r["phases"] for r in plan if r["arm"] == arm), [])
     arms[arm] = {"phases": [{k: p[k] for k in ("name", "steps", "start_from", "estimator",
                                                "weighting", "template", "data")}
                             for p in phases],
                  **aggregate_arm(runs), "runs": runs}
-  return {"title": config.title, "workdir": str(root), "seeds": parse_seeds(config.seeds),
+  return {"title": config.title, "workdir": str(root), "metric": metric,
+          "seeds": parse_seeds(config.seeds),
           "seed_keys": config.seed_keys, "last_evals": last,
           "base": {"checkpoint": base_checkpoint(config, root),
                    "baseline_arm": config.baseline_arm or None,
@@ -890,8 +906,9 @@ def results_table(results: Mapping[str, Any]) -> str:
   """results.md: the arms table, the by-level table, and how the numbers were made."""
   arms = results["arms"]
   base = results["base"]["accuracy"]
+  label = METRIC_LABELS.get(results.get("metric", "eval"), results.get("metric"))
   lines = [f"# {results['title']}", "",
-           f"Held-out greedy accuracy. Final = mean of each run's last {results['last_evals']} "
+           f"Held-out {label} accuracy. Final = mean of each run's last {results['last_evals']} "
            f"evaluations; ± = standard deviation over seeds (n - 1); gain = final minus the base "
            f"checkpoint's step-0 evaluation of the same seed (base: {_pm(base)}, "
            f"{base['n']} seeds); text-only / with images = the end-of-run evaluation without / "
@@ -959,7 +976,7 @@ def plot_curves(results: Mapping[str, Any], path: str, window: int) -> str:
   if base["mean"] is not None:
     ax.axhline(base["mean"], color="k", ls=":", lw=1, label="base")
   ax.set_xlabel("rollouts (prompts x samples)")
-  ax.set_ylabel("held-out greedy accuracy")
+  ax.set_ylabel(f"held-out {METRIC_LABELS.get(results.get('metric', 'eval'), 'eval')} accuracy")
   ax.set_title(f"moving average over {window} evaluations; mean ± std over seeds", fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
@@ -981,11 +998,21 @@ def plot_curves(results: Mapping[str, Any], path: str, window: int) -> str:
   return path
 
 
+def metric_names(config: ml_collections.ConfigDict) -> list[str]:
+  names = [m.strip() for m in str(config.metrics).split(",") if m.strip()]
+  if not names:
+    raise SweepError("config.metrics is empty; e.g. 'eval' (greedy) or 'eval,eval_sampled'")
+  return names
+
+
 def write_results(results: Mapping[str, Any], root: pathlib.Path,
-                  config: ml_collections.ConfigDict) -> None:
-  (root / "results.json").write_text(json.dumps(results, indent=2))
-  (root / "results.md").write_text(results_table(results))
-  plot_curves(results, str(root / "curves.png"), int(config.smoothing))
+                  config: ml_collections.ConfigDict, suffix: str = "") -> list[pathlib.Path]:
+  """results<suffix>.json, results<suffix>.md and curves<suffix>.png in `root`."""
+  paths = [root / f"results{suffix}.json", root / f"results{suffix}.md", root / f"curves{suffix}.png"]
+  paths[0].write_text(json.dumps(results, indent=2))
+  paths[1].write_text(results_table(results))
+  plot_curves(results, str(paths[2]), int(config.smoothing))
+  return paths
 
 
 # ---------------------------------------------------------------------------------------
@@ -1016,8 +1043,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                      f"[--config.a.b=value ...]{unexpected}\n")
     sys.exit(2)
   flags.FLAGS.mark_as_parsed()  # absl logging (Orbax) reads the global flags
-  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  cli.setup_logging()
   try:
     run_sweep(flag_values.config, flag_values.workdir)
   except SweepError as e:

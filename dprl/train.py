@@ -582,10 +582,7 @@ def train_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> RunResult:
 def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.basicConfig(level=logging.INFO,
-                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  # Orbax logs every file it writes through absl at INFO; keep warnings only.
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  cli.setup_logging(logging.INFO, with_time=True)
   # The program's first JAX call: joins a multi-host run's process group (else a no-op).
   distributed.initialize()
   if not batches_lib.is_primary():

@@ -32,6 +32,8 @@ def test_demo_runs_all_stages_and_writes_its_outputs(tmp_path):
     assert 0.0 <= metric["after_rl"] <= 1.0
     assert metric["gain"] == metric["after_rl"] - metric["before_rl"]
   assert "sampled (T=1)" in proc.stdout
+  # Orbax's per-file INFO logs (hundreds of lines through absl) are kept out of the output.
+  assert "_NonBlockingMetadataStore" not in proc.stderr and "atomicity.py" not in proc.stderr
   # Rerun: every stage is found done, nothing is trained again.
   again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
   assert again.returncode == 0, again.stderr[-4000:]

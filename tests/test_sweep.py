@@ -75,6 +75,20 @@ def test_eval_curve_offsets_later_phases_by_the_earlier_ones_steps_and_rollouts(
   assert [p["phase"] for p in curve] == ["a", "a", "b", "b", "b"]
 
 
+def test_each_metric_family_has_its_own_curve():
+  rows = _rows({0: 0.5, 2: 0.6})
+  rows[0].update({"eval_sampled/accuracy": 0.3, "eval_sampled/accuracy_level_1": 0.9})
+  rows[2]["eval_sampled/accuracy"] = 0.45
+  phases = [{"name": "a", "rows": rows, "steps": 2, "rollouts_per_step": 4}]
+  assert [p["accuracy"] for p in sweep.eval_curve(phases)] == [0.5, 0.6]
+  sampled = sweep.eval_curve(phases, "eval_sampled")
+  assert [p["accuracy"] for p in sampled] == [0.3, 0.45]
+  assert sampled[0]["by_level"] == {"1": 0.9} and sampled[1]["by_level"] == {}
+  assert sweep.eval_curve(phases, "eval_other") == []
+  run = {"phases": [{**phases[0], "end_eval": {}}], "wall_s": 1.0}
+  assert sweep.summarize_run(run, 1, metric="eval_sampled")["gain"] == pytest.approx(0.15)
+
+
 def test_final_accuracy_is_the_mean_of_the_last_three_evaluations_overall_and_by_level():
   levels = {0: {"1": 0.9, "2": 0.1}, 2: {"1": 1.0, "2": 0.2}, 4: {"1": 0.8, "2": 0.3},
             6: {"1": 0.6, "2": 0.4}}

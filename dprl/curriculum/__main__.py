@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 
 from absl import app, flags
@@ -16,7 +15,7 @@ from dprl.curriculum.runner import run_curriculum
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.basicConfig(level=logging.WARNING)
+  cli.setup_logging()
   summary = run_curriculum(flags.FLAGS.config, flags.FLAGS.workdir)
   print(json.dumps(summary, indent=2))
 
