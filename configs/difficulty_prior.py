@@ -48,6 +48,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     train.eval.every = 0
     if variant != "qwen2_5_vl_7b":  # held-out items (eval.every > 0): the synthetic test split
       train.eval.synthetic_tasks = train.data.tasks
+    if variant == "cpu_demo" and name == "stage2":
+      # The hint makes a 38-token prompt 60 tokens long (cpu_demo's 40 would skip them all).
+      train.data.max_prompt_length = 64
+      train.data.length_buckets = "40,64"
     c.phases[name] = ml_collections.ConfigDict({"start_from": "base" if i == 0 else "previous",
                                                 "train": train})
   c.eval = ml_collections.ConfigDict()

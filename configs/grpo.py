@@ -49,10 +49,13 @@ def base() -> ml_collections.ConfigDict:
   c.data.image_size = 56  # synthetic source
   c.data.language_prior_fraction = 0.15  # synthetic source: items answerable without the image
   c.data.seed = 0  # synthetic generation and shuffling
-  c.data.template = "format"  # dprl.data.templates names, "a+b"
+  c.data.template = "format"  # dprl.data.templates names, "a+b"; a mixture "a|b+c"
   c.data.system_prompt = config_dict.placeholder(str)
   c.data.rollout_batch_size = 8  # P: prompts per step
   c.data.max_prompt_length = 2048
+  # Padded prompt lengths, ascending, comma-separated ("40,64,128"); "" = powers of two
+  # up to max_prompt_length. A bucket that fits the prompts exactly saves the update's time.
+  c.data.length_buckets = ""
   c.data.min_pixels = 56 * 56
   c.data.max_pixels = 28 * 28 * 16384
   c.data.num_threads = 2

@@ -142,8 +142,19 @@ def make_pipeline(config: ml_collections.ConfigDict, records, tokenizer, *, batc
       batch_size=batch_size, seed=seed, shuffle=True, num_epochs=None, drop_remainder=True,
       template={"names": data.template, "system_prompt": data.system_prompt},
       min_pixels=data.min_pixels, max_pixels=data.max_pixels,
-      max_prompt_length=data.max_prompt_length, num_threads=data.num_threads)
+      max_prompt_length=data.max_prompt_length, num_threads=data.num_threads,
+      length_buckets=parse_length_buckets(data.get("length_buckets", "")))
   return Pipeline(records, tokenizer, pipeline_config)
+
+
+def parse_length_buckets(text: str) -> tuple[int, ...] | None:
+  """config.data.length_buckets ("40,64,128") -> (40, 64, 128); "" -> None."""
+  parts = [p.strip() for p in str(text or "").split(",") if p.strip()]
+  try:
+    return tuple(int(p) for p in parts) or None
+  except ValueError:
+    raise ValueError(f"config.data.length_buckets={text!r}: expected comma-separated "
+                     "integers, e.g. '40,64,128'") from None
 
 
 def load_tokenizer(name: str, workdir: str):

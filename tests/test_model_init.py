@@ -91,3 +91,27 @@ def test_training_pipeline_cuts_image_tokens_for_the_models_merge_size(tmp_path)
     per_row = (np.asarray(batch["input_ids"]) == image_pad).sum(axis=1)
     # 56x56 px = 4x4 patches of 14 px: 16 tokens at merge 1, 4 at merge 2.
     np.testing.assert_array_equal(per_row, 16 // merge**2)
+
+
+def test_configured_length_buckets_and_a_template_mixture_reach_the_training_pipeline(tmp_path):
+  config = cli.load_config(f"{CONFIGS}/grpo.py:cpu_demo")
+  tokenizer = tokenizer_lib.load_named(config.tokenizer, str(tmp_path / "tokenizer"))
+  records = train_lib.DATA_SOURCES["synthetic"](config.data)[:64]
+  vision = get_preset("cpu_demo").vision
+  with config.unlocked():
+    config.data.template = "plain|text_only"
+    config.data.max_prompt_length = 80
+    config.data.length_buckets = "40,56,80"
+  widths = {np.asarray(b["input_ids"]).shape[1] for b, _ in zip(
+      train_lib.make_pipeline(config, records, tokenizer, batch_size=8, seed=0, vision=vision),
+      range(8))}
+  assert widths <= {40, 56, 80} and 56 in widths  # 56: not a power of two
+  image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+  batch = next(iter(train_lib.make_pipeline(config, records, tokenizer, batch_size=64, seed=0,
+                                            vision=vision)))
+  per_row = (np.asarray(batch["input_ids"]) == image_pad).sum(axis=1)
+  assert 16 <= (per_row == 16).sum() <= 48 and set(per_row.tolist()) == {0, 16}
+  with config.unlocked():
+    config.data.length_buckets = "40,x"
+  with pytest.raises(ValueError, match="data.length_buckets"):
+    train_lib.make_pipeline(config, records, tokenizer, batch_size=8, seed=0, vision=vision)

@@ -159,3 +159,24 @@ def test_rendered_prompt_tokenizes_to_one_pad_per_image(tokenizer):
   assert ids.count(pad_id) == 2
   expanded = templates.expand_image_tokens(ids, np.array([[1, 4, 4], [1, 2, 6]]), pad_id)
   assert (expanded == pad_id).sum() == 4 + 3
+
+
+def test_a_mixture_gives_each_record_one_alternative_by_its_id(tokenizer):
+  config = templates.TemplateConfig(names="plain|caption+format|text_only")
+  assert config.alternatives == (("plain",), ("caption", "format"), ("text_only",))
+  records = [_record(id=f"item-{i}") for i in range(300)]
+  chosen = [config.names_for(r.id) for r in records]
+  counts = {alt: chosen.count(alt) for alt in config.alternatives}
+  assert all(70 <= n <= 130 for n in counts.values()), counts  # ~100 each
+  # Stable: the same record gets the same rendition in another config object (process).
+  again = templates.TemplateConfig(names="plain|caption+format|text_only")
+  assert [again.names_for(r.id) for r in records] == chosen
+  for record, names in zip(records[:12], chosen):
+    rendered = templates.render_prompt(record, tokenizer, config)
+    assert rendered == _render(tokenizer, record, "+".join(names))
+  # dataclasses.replace (as curation does for the hint sentence) keeps the mixture.
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  assert dataclasses.replace(config, hint="x").alternatives == config.alternatives
+  assert templates.TemplateConfig(names="caption+format").alternatives == ()
+  with pytest.raises(UnknownNameError, match="nope"):
+    templates.TemplateConfig(names="plain|nope")

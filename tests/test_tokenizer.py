@@ -223,3 +223,17 @@ def test_loading_and_templating_does_not_import_torch(small_dir):
   result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_small_words_spell_the_default_hint_in_few_tokens_and_keep_earlier_ids(tmp_path):
+  from dprl.data import templates  # pylint: disable=g-import-not-at-top
+  words = tok_lib.load_tokenizer(tok_lib.write_small_tokenizer(tmp_path / "w", words=tok_lib.SMALL_WORDS))
+  hint_ids = words.encode(" " + templates.DIFFICULTY_HINT, add_special_tokens=False)
+  assert len(hint_ids) <= 25, len(hint_ids)  # 96 characters
+  assert words.decode(hint_ids) == " " + templates.DIFFICULTY_HINT
+  # The hint words come last: a folder written without them has the same ids for the rest.
+  hint_free = tuple(w for w in tok_lib.SMALL_WORDS if w not in tok_lib._HINT_WORDS)  # pylint: disable=protected-access
+  older = tok_lib.load_tokenizer(tok_lib.write_small_tokenizer(tmp_path / "o", words=hint_free))
+  assert all(words.get_vocab()[t] == i for t, i in older.get_vocab().items())
+  text = "<|im_start|>user\nhow many red shapes?<|im_end|>"
+  assert words.encode(text) == older.encode(text)

@@ -4,7 +4,13 @@ with the same total number of steps.
     python -m dprl.sweep --config configs/experiments/infi_mmr.py:cpu_demo \\
         --workdir runs/exp_infi_mmr [--config.dry_run=True]
 
-Base (WORKDIR/base/, once): the demo's warm start (configs/grpo.py:cpu_demo's `sft`).
+Base (WORKDIR/base/, once): the demo's warm start (configs/grpo.py:cpu_demo's `sft`) on a
+mixture of the three renditions (`data.template = "plain|caption|text_only"`, one per
+record), for `base.warm_start.sft.steps` (cpu_demo: 200, the demo's 130 x ~1.5, since each
+rendition gets a third). Why: Infi-MMR starts from an instruct model that already answers
+text and image questions; a base warm-started on images only scores 0 on the text
+renditions (measured: reward 0 through the whole text_only phase), so phase 1 would
+have no signal to learn from.
 Arms, from the base, GRPO as configs/grpo.py:VARIANT (its synthetic training data):
   three_phase      configs/infi_mmr.py: text_only -> caption -> multimodal, a third of
                    `total_steps` each (the last takes the remainder), each phase from the
@@ -47,6 +53,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c, warm_start, variant = sweep.experiment_base(CONFIGS, "infi_mmr", arg,
                                                     "Infi-MMR phased curriculum (issue 8)")
   c.total_steps = ml_collections.FieldReference(3 if variant == "tiny" else 120)
+  base = c.base.warm_start
+  base.data.template = "plain|caption|text_only"
+  if variant == "cpu_demo":
+    base.sft.steps = 200
+    base.data.max_prompt_length = 80  # captions run to 71 tokens (configs/infi_mmr.py)
+    base.data.length_buckets = "40,64,80"
   c.seeds = "0,1" if variant == "tiny" else "0,1,2"
   eval_every = warm_start.eval.every
   third = c.get_ref("total_steps") // 3

@@ -20,11 +20,17 @@ Qwen2.5-VL chat template renders with each image as
 <|vision_start|><|image_pad|><|vision_end|>. After the images are processed, each
 <|image_pad|> is expanded to t*h*w / merge_size**2 copies (`expand_image_tokens`), one per
 merged patch the vision tower emits.
+
+A mixture, `"plain|caption|text_only"`, gives each record one of the alternatives (each
+itself may be `"a+b"`), chosen by a stable hash of the record's id: a warm start that
+should leave the model able to answer all three renditions (the Infi-MMR experiment's
+base) sees each record in one of them, the same one in every epoch and process.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,7 +64,8 @@ class TemplateConfig:
   """Which templates apply, in order, and their texts.
 
   Attributes:
-    names: registered template names applied in order (a "a+b" string also works).
+    names: registered template names applied in order (a "a+b" string also works); for
+      a mixture ("a|b+c"), the first alternative's (`alternatives` holds them all).
     format_instruction: appended by "format".
     caption_format: "caption"'s text; `{caption}` is the record's caption.
     hint: appended by "difficulty_hint" to records with pass_rate < hint_below_pass_rate.
@@ -75,9 +82,21 @@ class TemplateConfig:
   hint: str = DIFFICULTY_HINT
   hint_below_pass_rate: float = 0.3
   system_prompt: str | None = None
+  alternatives: tuple[tuple[str, ...], ...] = ()  # set from a mixture in `names`
 
   def __post_init__(self):
-    object.__setattr__(self, "names", parse_template_names(self.names))
+    mixture = parse_template_mixture(self.names)
+    if len(mixture) > 1:
+      object.__setattr__(self, "alternatives", mixture)
+    else:  # alternatives carried over by dataclasses.replace stay
+      object.__setattr__(self, "alternatives", tuple(parse_template_names(a) for a in self.alternatives))
+    object.__setattr__(self, "names", mixture[0])
+
+  def names_for(self, record_id: str) -> tuple[str, ...]:
+    """The templates a record gets: `names`, or its alternative of a mixture."""
+    if not self.alternatives:
+      return self.names
+    return self.alternatives[zlib.crc32(str(record_id).encode()) % len(self.alternatives)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +133,18 @@ def parse_template_names(names: str | Sequence[str]) -> tuple[str, ...]:
   for name in names:
     TEMPLATES[name]  # pylint: disable=pointless-statement  # raises on an unknown name
   return names
+
+
+def parse_template_mixture(names: str | Sequence[str] | Sequence[Sequence[str]]
+                           ) -> tuple[tuple[str, ...], ...]:
+  """"plain|caption+format" -> (("plain",), ("caption", "format")); a single alternative
+  ("caption+format", or a sequence of names) -> one tuple."""
+  if isinstance(names, str):
+    return tuple(parse_template_names(part) for part in names.split("|"))
+  names = tuple(names)
+  if names and not isinstance(names[0], str):
+    return tuple(parse_template_names(part) for part in names)
+  return (parse_template_names(names),)
 
 
 def question_with_choices(record: Record) -> str:
@@ -163,10 +194,10 @@ def difficulty_hint(prompt: Prompt, record: Record, config: TemplateConfig) -> P
 
 
 def build_prompt(record: Record, config: TemplateConfig) -> Prompt:
-  """Applies `config.names` in order to the plain prompt of `record`."""
+  """Applies the record's templates (`config.names_for`) in order to its plain prompt."""
   prompt = Prompt(question=question_with_choices(record), num_images=len(record.images),
                   system=config.system_prompt)
-  for name in config.names:
+  for name in config.names_for(record.id):
     prompt = TEMPLATES[name](prompt, record, config)
   return prompt
 

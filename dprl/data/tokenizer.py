@@ -114,7 +114,14 @@ _BENCHMARK_WORDS = (
     "triangles", "circle", "square", "triangle", "what", "is", "the", "value", "which", "bar",
     "bars", "tallest", "taller", "than", "much", "color", "sides", "has", "are", "left", "from",
     "shows", "image", "sky", "grass", "snow", "lemon", "blood")
-SMALL_WORDS = _CHAT_WORDS + _BENCHMARK_WORDS + tuple(" " + w for w in _BENCHMARK_WORDS)
+# The default difficulty hint's words (dprl.data.templates.DIFFICULTY_HINT): 126 prompt
+# tokens spelt by characters, 56 with these. Appended last, so every earlier id (and
+# checkpoints trained before they were added) stays as it was.
+_HINT_WORDS = ("This", "Reason", *(" " + w for w in (
+    "problem", "hard", "carefully", "step", "by", "then", "check", "your", "answer",
+    "before", "you", "give", "it")))
+SMALL_WORDS = (_CHAT_WORDS + _BENCHMARK_WORDS + tuple(" " + w for w in _BENCHMARK_WORDS)
+               + _HINT_WORDS)
 
 _CACHE_VERSION = "v1"  # bump when the folder this module writes changes
 
