@@ -180,3 +180,11 @@ def test_a_mixture_gives_each_record_one_alternative_by_its_id(tokenizer):
   assert templates.TemplateConfig(names="caption+format").alternatives == ()
   with pytest.raises(UnknownNameError, match="nope"):
     templates.TemplateConfig(names="plain|nope")
+
+
+def test_question_only_drops_the_images_and_keeps_the_question(tokenizer):
+  record = _record()
+  rendered = _render(tokenizer, record, "question_only")
+  assert "<|image_pad|>" not in rendered and "How many red squares?" in rendered
+  assert rendered == _render(tokenizer, record.replace(images=()), "plain")
+  assert templates.build_prompt(record, templates.TemplateConfig(names="question_only")).num_images == 0

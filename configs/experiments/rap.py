@@ -4,8 +4,13 @@ of the same size and against all the data.
     python -m dprl.sweep --config configs/experiments/rap.py:cpu_demo \\
         --workdir runs/exp_rap [--config.dry_run=True]
 
-Base (WORKDIR/base/, once): the demo's warm start (configs/grpo.py:cpu_demo's `sft`); a
-pool of `base.pool_items` training items with language-prior questions (answerable
+Base (WORKDIR/base/, once): the demo's warm start (configs/grpo.py:cpu_demo's `sft`), on
+records with the pool's share of language-prior questions and a third of them shown
+without their image (`data.template = "plain|plain|question_only"`): what CDE measures,
+acc_mm - acc_text, needs a model that answers without the image from its priors, as a
+pretrained VLM does. An image-only warm start scored acc_text = 0 on all 1102 scored
+prompts, so CDE only dropped the hard ones (acc_mm <= 0.2: 548) and kept the language-
+prior items it should catch. Then a pool of `base.pool_items` training items with language-prior questions (answerable
 without the image, which CDE should remove: `base.pool_language_prior_fraction`); RAP
 selection of the pool with the warm model (`dprl.select.run_selection` into
 WORKDIR/base/rap/, the settings in `base.select.config`, configs/rap.py's keys), and a
@@ -43,8 +48,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seeds = "0,1" if variant == "tiny" else "0,1,2"
   c.base.pool_items = 64 if variant == "tiny" else 1200
   c.base.pool_language_prior_fraction = 0.15  # the synthetic benchmark's default
+  c.base.warm_start.data.language_prior_fraction = c.base.pool_language_prior_fraction
+  c.base.warm_start.data.template = "plain|plain|question_only"
   c.base.select.enabled = True
   rap = c.base.select.config
+  # The language-prior questions are 40-41 tokens with their image (the rest 38).
+  prompt_length, buckets = (48, "40,48") if variant == "cpu_demo" else (None, "")
+  if prompt_length:
+    c.base.warm_start.data.max_prompt_length = prompt_length
+    c.base.warm_start.data.length_buckets = buckets
+    rap.rollout.max_prompt_length = prompt_length
   if variant == "tiny":
     rap.rollout.num_samples = 4
     rap.rollout.batch_size = 16
@@ -59,6 +72,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     train.total_steps = c.get_ref("total_steps")
     train.rl.estimator = "grpo"
     train.rl.difficulty_weighting = "none"
+    if prompt_length:
+      train.data.max_prompt_length = prompt_length
+      train.data.length_buckets = buckets
     c.arms[name] = sweep.one_phase_arm(train, eval_items)
   c.arm_order = ",".join(DATA)
   c.baseline_arm = "all_data"

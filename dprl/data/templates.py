@@ -10,8 +10,10 @@ instruction after the question. Registered:
                    in \\boxed{} (EasyR1's math prompt, which the papers' code uses).
   caption          puts "Caption: {caption}" before the image(s) and question
                    (Infi-MMR phase 2, cross-modal adaptation).
-  text_only        the record's `text_question`, no image (Infi-MMR phase 1; RAP's
-                   text-only rollouts for the causal discrepancy).
+  text_only        the record's `text_question`, no image (Infi-MMR phase 1).
+  question_only    the question alone, its images dropped (RAP's text arm of the causal
+                   discrepancy; in a warm-start mixture, the answer prior a model falls
+                   back on without the image).
   difficulty_hint  appends a configurable sentence to hard samples, those whose
                    `pass_rate` is below a threshold (difficulty-prior paper, stage 2).
 
@@ -184,6 +186,12 @@ def text_only(prompt: Prompt, record: Record, config: TemplateConfig) -> Prompt:
                             "the 'text_only' template needs it")
   return prompt.replace(question=question_with_choices(record.replace(
       question=record.text_question)), num_images=0)
+
+
+@TEMPLATES.register("question_only")
+def question_only(prompt: Prompt, record: Record, config: TemplateConfig) -> Prompt:
+  del record, config
+  return prompt.replace(num_images=0)
 
 
 @TEMPLATES.register("difficulty_hint")
