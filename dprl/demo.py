@@ -95,9 +95,12 @@ def probe_warm_start(config: ml_collections.ConfigDict, directory: pathlib.Path)
   records = train_lib.DATA_SOURCES[data.source](probe_config.data)
   tokenizer = train_lib.load_tokenizer(config.tokenizer, str(directory))
   _, graphdef, params, rest = train_lib.init_model(probe_config, tokenizer, make_mesh(1, 1, 1), None)
+  # A template mixture ("plain|caption|text_only") is probed on its first alternative
+  # alone, the one with the image: captions and text renditions say the answer in words.
+  names = TemplateConfig(names=data.template).names
   results = rollout_records(
       nnx.merge(graphdef, params, rest), tokenizer, records,
-      template=TemplateConfig(names=data.template, system_prompt=data.system_prompt),
+      template=TemplateConfig(names=names, system_prompt=data.system_prompt),
       num_samples=1, temperature=0.0, max_new_tokens=config.sampling.max_new_tokens,
       batch_size=100, min_pixels=data.min_pixels, max_pixels=data.max_pixels, progress=False)
   accuracy = float(summarize(results)["accuracy"])

@@ -109,6 +109,12 @@ def base_config(warm_start: ml_collections.ConfigDict) -> ml_collections.ConfigD
   c.base = ml_collections.ConfigDict()
   c.base.checkpoint = ""  # an existing checkpoint; "" = the warm start into WORKDIR/base
   c.base.warm_start = warm_start
+  # The warm start is probed as the demo's is (dprl.demo.run_warm_start: greedy accuracy on
+  # training prompts must beat the most common answer by the margin, else the next seed):
+  # from a random init it may learn only the answer prior, and every arm would then start
+  # from a model that ignores the image (measured: the RAP experiment's first base).
+  c.base.warm_start_tries = 4
+  c.base.warm_start_margin = 0.05
   c.base.pool_items = 0  # > 0: WORKDIR/base/pool.jsonl, this many items of warm_start.data
   c.base.pool_language_prior_fraction = config_dict.placeholder(float)  # None: warm_start's
   c.base.curate = False  # difficulty curation of the pool -> WORKDIR/base/curate/
@@ -214,6 +220,8 @@ def experiment_base(configs_dir: str, experiment: str, arg: str | None, title: s
   if variant == "tiny":
     tiny_warm_start(warm_start)
   c = base_config(warm_start)
+  if variant == "tiny":
+    c.base.warm_start_margin = -1.0  # the tiny preset does not read its images
   c.title = f"{title}, {variant}"
   return c, warm_start, variant
 
@@ -522,8 +530,8 @@ def prepare_base(config: ml_collections.ConfigDict, root: pathlib.Path) -> dict[
   if not b.checkpoint:
     step("warm_start", f"warm start ({b.warm_start.sft.steps} supervised steps) -> "
          f"{base_dir / 'warm_start'}",
-         lambda: train_lib.train(demo.warm_start_config(b.warm_start),
-                                 str(base_dir / "warm_start")))
+         lambda: demo.run_warm_start(b.warm_start, base_dir, b.warm_start_tries,
+                                     b.warm_start_margin))
   if b.pool_items:
     def write_pool():
       records = train_lib.DATA_SOURCES[pool_config.data.source](pool_config.data)

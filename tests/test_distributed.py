@@ -342,6 +342,9 @@ def _free_port() -> int:
 def _worker_env(**extra) -> dict[str, str]:
   """This environment without cluster variables, CPU only, the repository importable."""
   env = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_PREFIXES) and k not in _CLUSTER_VARS}
+  # The session's compilation cache (conftest) is not shared between the two concurrent
+  # workers: JAX writes its entries in place, so one could read the other's half-written file.
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([REPO, env.get("PYTHONPATH", "")]), **extra)
   return env
 
