@@ -446,11 +446,15 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def changed_keys(stored: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-  """Dotted keys whose values differ (settings in IGNORED_SETTINGS aside)."""
+  """Dotted keys whose values differ (settings in IGNORED_SETTINGS aside).
+
+  A key `stored` lacks is not a change: it was added to dprl after the run or base was
+  made (so a sweep resumes across an upgrade); a key `now` lacks is one.
+  """
   a, b = _flat(stored), _flat(now)
   ignored = lambda key: any(f".{section}" in f".{key}" for section in IGNORED_SETTINGS)
   return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-          if a.get(k) != b.get(k) and not ignored(k)]
+          if k in a and a.get(k) != b.get(k) and not ignored(k)]
 
 
 def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -90,6 +90,13 @@ def test_each_metric_family_has_its_own_curve():
   assert sweep.summarize_run(run, 1, metric="eval_sampled")["gain"] == pytest.approx(0.15)
 
 
+def test_a_key_added_since_a_run_was_made_is_not_a_change_but_a_removed_one_is():
+  stored = {"a": 1, "b": {"c": "x"}, "logging": {"progress": True}}
+  assert sweep.changed_keys(stored, {**stored, "new": 5}) == []
+  assert sweep.changed_keys(stored, {**stored, "logging": {"progress": False}}) == []
+  assert sweep.changed_keys(stored, {"a": 2, "b": {}}) == ["a: 1 -> 2", "b.c: 'x' -> None"]
+
+
 def test_final_accuracy_is_the_mean_of_the_last_three_evaluations_overall_and_by_level():
   levels = {0: {"1": 0.9, "2": 0.1}, 2: {"1": 1.0, "2": 0.2}, 4: {"1": 0.8, "2": 0.3},
             6: {"1": 0.6, "2": 0.4}}
