@@ -5,14 +5,12 @@ of the same size and against all the data.
         --workdir runs/exp_rap [--config.dry_run=True]
 
 Base (WORKDIR/base/, once): the demo's warm start (configs/grpo.py:cpu_demo's `sft`), on
-records with the pool's share of language-prior questions and a fifth of them shown
-without their image (`data.template = "plain|plain|plain|plain|question_only"`), probed
-for reading the image (`base.warm_start_margin`). Why: what CDE measures, acc_mm -
-acc_text, needs a model that answers without the image from its priors, as a pretrained
-VLM does. Measured: an image-only warm start scored acc_text = 0 on all 1102 scored
-prompts, so CDE only dropped the hard ones (acc_mm <= 0.2: 548 of 1200); with a third of
-the records imageless, the warm start (seed 2) learnt only the answer prior (counting
-items acc_mm 0.181, acc_text 0.183). Then a pool of `base.pool_items` training items with language-prior questions (answerable
+records with the pool's share of language-prior questions, probed for reading the image
+on the counting items (`base.warm_start_margin`), so the model knows the answers CDE
+should find answerable without the image. Measured on the way: warm starts with a third
+or a fifth of the records shown without their image (the answer prior a pretrained VLM
+falls back on) learnt only that prior (counting items acc_mm 0.18, acc_text 0.18, seeds
+2 and 3). Then a pool of `base.pool_items` training items with language-prior questions (answerable
 without the image, which CDE should remove: `base.pool_language_prior_fraction`); RAP
 selection of the pool with the warm model (`dprl.select.run_selection` into
 WORKDIR/base/rap/, the settings in `base.select.config`, configs/rap.py's keys), and a
@@ -51,7 +49,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.base.pool_items = 64 if variant == "tiny" else 1200
   c.base.pool_language_prior_fraction = 0.15  # the synthetic benchmark's default
   c.base.warm_start.data.language_prior_fraction = c.base.pool_language_prior_fraction
-  c.base.warm_start.data.template = "plain|plain|plain|plain|question_only"
   c.base.select.enabled = True
   rap = c.base.select.config
   # The language-prior questions are 40-41 tokens with their image (the rest 38).
