@@ -4,13 +4,15 @@ of the same size and against all the data.
     python -m dprl.sweep --config configs/experiments/rap.py:cpu_demo \\
         --workdir runs/exp_rap [--config.dry_run=True]
 
-Base (WORKDIR/base/, once): the demo's warm start (configs/grpo.py:cpu_demo's `sft`), on
-records with the pool's share of language-prior questions, probed for reading the image
-on the counting items (`base.warm_start_margin`), so the model knows the answers CDE
-should find answerable without the image. Measured on the way: warm starts with a third
-or a fifth of the records shown without their image (the answer prior a pretrained VLM
-falls back on) learnt only that prior (counting items acc_mm 0.18, acc_text 0.18, seeds
-2 and 3). Then a pool of `base.pool_items` training items with language-prior questions (answerable
+Base (WORKDIR/base/, once): the demo's warm start (configs/grpo.py:cpu_demo's `sft`:
+counting items only, each with its image; or `base.checkpoint`, e.g. the difficulty-prior
+experiment's identical one). So the warm model answers nothing without the image
+(acc_text = 0), and CDE (D = acc_mm - acc_text > 0.2) keeps the counting items it
+answers at all and drops the language-prior ones, which it never learnt. Tried on the
+way, to give the model the answer prior a pretrained VLM falls back on: warm starts with
+a third or a fifth of the records shown without their image, or with the pool's
+language-prior items, learnt only the answer prior (counting items acc_mm 0.18 = acc_text,
+or greedy = the most common answer on 3 seeds). Then a pool of `base.pool_items` training items with language-prior questions (answerable
 without the image, which CDE should remove: `base.pool_language_prior_fraction`); RAP
 selection of the pool with the warm model (`dprl.select.run_selection` into
 WORKDIR/base/rap/, the settings in `base.select.config`, configs/rap.py's keys), and a
@@ -48,7 +50,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seeds = "0,1" if variant == "tiny" else "0,1,2"
   c.base.pool_items = 64 if variant == "tiny" else 1200
   c.base.pool_language_prior_fraction = 0.15  # the synthetic benchmark's default
-  c.base.warm_start.data.language_prior_fraction = c.base.pool_language_prior_fraction
   c.base.select.enabled = True
   rap = c.base.select.config
   # The language-prior questions are 40-41 tokens with their image (the rest 38).
