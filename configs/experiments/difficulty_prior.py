@@ -21,7 +21,7 @@ Choose `best_weighting` from the (c) rows, then rerun with
 `--config.best_weighting=<w>` (finished runs are skipped; (d) is run again only if it
 changed: delete WORKDIR/two_stage_hints first).
 
-Variants: `cpu_demo` (~2-3 min a run on 2 cores; 7 arms x 3 seeds), `tiny` (the tiny
+Variants: `cpu_demo` (~4 min a run alone on 2 cores; 7 arms x 3 seeds), `tiny` (the tiny
 preset, 3 steps a run; tests).
 """
 

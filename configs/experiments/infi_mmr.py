@@ -21,7 +21,7 @@ evaluation. The eval curve of the text_only and caption phases is measured with 
 phases' prompts (text rendition, caption), so it is not the multimodal accuracy; the final
 accuracy (the last evaluations) and the gains are all phase 3's.
 
-Variants: `cpu_demo` (~2-3 min a run on 2 cores; 2 arms x 3 seeds), `tiny` (the tiny
+Variants: `cpu_demo` (~4 min a run alone on 2 cores; 2 arms x 3 seeds), `tiny` (the tiny
 preset, 1 step a phase; tests).
 """
 

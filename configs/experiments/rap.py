@@ -25,7 +25,7 @@ base:
 Wall time per run is in the results; the selection's own is in results.json
 (base.prepared.wall_s.select).
 
-Variants: `cpu_demo` (~2-3 min a run on 2 cores; 3 arms x 3 seeds), `tiny` (the tiny
+Variants: `cpu_demo` (~4 min a run alone on 2 cores; 3 arms x 3 seeds), `tiny` (the tiny
 preset, 2 steps a run; tests).
 """
 
