@@ -98,7 +98,9 @@ def probe_warm_start(config: ml_collections.ConfigDict, directory: pathlib.Path)
       probe_config.data.language_prior_fraction = 0.0
   records = train_lib.DATA_SOURCES[data.source](probe_config.data)
   tokenizer = train_lib.load_tokenizer(config.tokenizer, str(directory))
-  _, graphdef, params, rest = train_lib.init_model(probe_config, tokenizer, make_mesh(1, 1, 1), None)
+  import jax  # pylint: disable=g-import-not-at-top
+  one_device = make_mesh(1, 1, 1, devices=jax.devices()[:1])  # a probe, not a sharded run
+  _, graphdef, params, rest = train_lib.init_model(probe_config, tokenizer, one_device, None)
   # A template mixture ("plain|caption|text_only") is probed on its first alternative
   # alone, the one with the image: captions and text renditions say the answer in words.
   names = TemplateConfig(names=data.template).names
