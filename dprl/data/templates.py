@@ -137,15 +137,11 @@ def parse_template_names(names: str | Sequence[str]) -> tuple[str, ...]:
   return names
 
 
-def parse_template_mixture(names: str | Sequence[str] | Sequence[Sequence[str]]
-                           ) -> tuple[tuple[str, ...], ...]:
+def parse_template_mixture(names: str | Sequence[str]) -> tuple[tuple[str, ...], ...]:
   """"plain|caption+format" -> (("plain",), ("caption", "format")); a single alternative
   ("caption+format", or a sequence of names) -> one tuple."""
   if isinstance(names, str):
     return tuple(parse_template_names(part) for part in names.split("|"))
-  names = tuple(names)
-  if names and not isinstance(names[0], str):
-    return tuple(parse_template_names(part) for part in names)
   return (parse_template_names(names),)
 
 

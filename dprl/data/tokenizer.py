@@ -114,8 +114,8 @@ _BENCHMARK_WORDS = (
     "triangles", "circle", "square", "triangle", "what", "is", "the", "value", "which", "bar",
     "bars", "tallest", "taller", "than", "much", "color", "sides", "has", "are", "left", "from",
     "shows", "image", "sky", "grass", "snow", "lemon", "blood")
-# The default difficulty hint's words (dprl.data.templates.DIFFICULTY_HINT): 126 prompt
-# tokens spelt by characters, 56 with these. Appended last, so every earlier id (and
+# The default difficulty hint's words (dprl.data.templates.DIFFICULTY_HINT): a hinted
+# cpu_demo prompt is 126 tokens with the hint spelt by characters, 60 with these. Appended last, so every earlier id (and
 # checkpoints trained before they were added) stays as it was.
 _HINT_WORDS = ("This", "Reason", *(" " + w for w in (
     "problem", "hard", "carefully", "step", "by", "then", "check", "your", "answer",
