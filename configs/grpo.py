@@ -67,6 +67,9 @@ def base() -> ml_collections.ConfigDict:
   c.sampling.top_p = 1.0
   c.sampling.top_k = 0
   c.sampling.eos_tokens = "<|im_end|>,<|endoftext|>"  # those the tokenizer has
+  # Decode from per-layer weight copies made once a rollout (~1.8x faster decoding on GPU;
+  # one more copy of the decoder's weights in device memory): False where memory is short.
+  c.sampling.unstack_layers = True
 
   c.rl = ml_collections.ConfigDict()
   c.rl.reward_fn = "math"  # dprl.rl.rewards.REWARD_FNS

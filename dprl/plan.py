@@ -288,6 +288,7 @@ def plan(config, *, num_devices: int | None = None, device_memory_gib: float = 1
   sampling = sampler_lib.SamplingConfig(
       max_new_tokens=shapes.new_tokens, temperature=config.sampling.temperature,
       top_p=config.sampling.top_p, top_k=config.sampling.top_k, num_samples=shapes.samples,
+      unstack_layers=config.sampling.unstack_layers,
       eos_token_ids=tuple(np.atleast_1d(eos if eos is not None else 0).tolist()), pad_token_id=0)
   sample_fn = sampler_lib.jitted(full_graphdef, sampling, mesh, bound)
   compile_memory("sampling", sample_fn, full_state, prompt, prompt, pixel_values, grid, key)

@@ -280,7 +280,7 @@ def rollout_config(config, tokenizer) -> learner_lib.RolloutConfig:
       num_prompts=config.data.rollout_batch_size, num_samples=config.sampling.num_samples,
       max_new_tokens=config.sampling.max_new_tokens,
       temperature=config.sampling.temperature, top_p=config.sampling.top_p,
-      top_k=config.sampling.top_k,
+      top_k=config.sampling.top_k, unstack_layers=config.sampling.unstack_layers,
       eos_token_ids=token_ids(tokenizer, config.sampling.eos_tokens, "sampling.eos_tokens"),
       pad_token_id=special.pad, vision_token_ids=(special.image_pad, special.video_pad),
       reward_fn=config.rl.reward_fn,

@@ -79,9 +79,10 @@ def _hf_teacher_forced_logprobs(hf_model, ids, mask, pv, thw, tokens, token_mask
   return np.take_along_axis(pred, tokens[..., None].astype(np.int64), -1)[..., 0]
 
 
-def test_greedy_equals_transformers_generate_multimodal_left_padded(model, hf_model, batch):
+@pytest.mark.parametrize("unstack_layers", [True, False], ids=["layer_copies", "sliced_each_step"])
+def test_greedy_equals_transformers_generate_multimodal_left_padded(model, hf_model, batch, unstack_layers):
   ids, mask, pv, thw = batch
-  out = generate(model, ids, mask, pv, thw, max_new_tokens=12, temperature=0.0)
+  out = generate(model, ids, mask, pv, thw, max_new_tokens=12, temperature=0.0, unstack_layers=unstack_layers)
   np.testing.assert_array_equal(np.asarray(out.tokens), _hf_generate(hf_model, ids, mask, pv, thw, 12))
   assert np.asarray(out.lengths).tolist() == [12, 12, 12]
 

@@ -135,7 +135,8 @@ class Qwen2_5_VL(nnx.Module):
                attention_layers: tuple[int, ...] = (), return_hidden: bool = False,
                max_frame_patches: int | None = None,
                stop_at_layer: int | None = None,
-               query_chunk: int | None = None) -> ModelOutput:
+               query_chunk: int | None = None, return_kv: bool = False,
+               layer_states: tuple[Any, ...] | None = None) -> ModelOutput:
     """Forward pass of a left-padded batch.
 
     Args:
@@ -146,7 +147,10 @@ class Qwen2_5_VL(nnx.Module):
       image_grid_thw: [I, 3].
       position_ids: [3, B, T]; computed as transformers' `get_rope_index` when None
         (with a cache only valid for a prefill starting at slot 0).
-      cache: KVCache of S slots; the new keys/values go to slots [cache_index, cache_index+T).
+      cache: KVCache of S slots; the new keys/values go to slots [cache_index, cache_index+T)
+        and the updated cache is returned (decoding: layers unrolled, `TextDecoder.run_layers`).
+      return_kv: without a cache, return the T tokens' keys/values as `cache` (a prefill's).
+      layer_states: `self.model.layer_states()`, sliced once outside a decode loop.
       logits_to_keep: if > 0, only the last that many positions get logits.
       attention_layers: decoder layers whose attention probabilities to return.
       max_frame_patches: static bound on every image's h*w patches (`frame_patch_bound`),
@@ -167,7 +171,7 @@ class Qwen2_5_VL(nnx.Module):
       token_mask = key_mask
       query_slot = jnp.arange(t)
     else:
-      s = cache.k.shape[2]
+      s = cache.k[0].shape[1]
       key_mask = jnp.ones((b, s), bool) if attention_mask is None else attention_mask.astype(bool)
       if key_mask.shape[1] != s:
         raise ValueError(f"with a cache, attention_mask must cover all {s} cache slots, got {key_mask.shape}")
@@ -185,7 +189,7 @@ class Qwen2_5_VL(nnx.Module):
     key_slot = jnp.arange(key_mask.shape[1])
     mask = (key_slot[None, None, :] <= query_slot[None, :, None]) & key_mask[:, None, :]
     x, new_cache, attentions = self.model.run_layers(x, cos, sin, mask, cache, cache_index, attention_layers,
-                                                     stop_at_layer, query_chunk)
+                                                     stop_at_layer, query_chunk, return_kv, layer_states)
     if stop_at_layer is not None:
       return ModelOutput(None, rope_deltas, None, attentions or None, layer_input=x)
     x = self.model.norm(x)

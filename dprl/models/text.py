@@ -2,7 +2,8 @@
 
 Layers are stored stacked (a leading layer axis on every parameter) and run with
 `jax.lax.scan`, so compile time does not grow with depth; each step may be
-rematerialised with a policy from the config.
+rematerialised with a policy from the config. Decoding with a KV cache unrolls them
+instead (`TextDecoder.run_layers`), so each layer's cache is updated in place.
 """
 
 from __future__ import annotations
@@ -26,15 +27,33 @@ REMAT_POLICIES = {
 
 
 class KVCache(NamedTuple):
-  """Keys and values of every layer: k, v [L, B, S, K, Dh]."""
+  """Keys and values, one array per layer: k[l], v[l]: [B, S, K, Dh].
 
-  k: jax.Array
-  v: jax.Array
+  Per layer, not stacked [L, B, S, K, Dh]: a decode step writes each layer's new slot in
+  place and attends over that layer's array as it is. With a stacked cache inside the
+  layer scan, each step sliced its layer out (a copy of that layer's whole cache) and
+  wrote the updated slice back, three passes over the cache per step instead of one.
+  """
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
 
   @classmethod
   def zeros(cls, cfg: TextConfig, batch: int, length: int, dtype: Any) -> "KVCache":
-    shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    layers_ = range(cfg.num_hidden_layers)
+    return cls(tuple(jnp.zeros(shape, dtype) for _ in layers_), tuple(jnp.zeros(shape, dtype) for _ in layers_))
+
+  def extend(self, length: int, repeats: int = 1, dtype: Any = None) -> "KVCache":
+    """A prompt's keys/values ([B, T, K, Dh] a layer) as the first T slots of a cache of
+    `length` slots, each row repeated `repeats` times (row-major: b * repeats + j)."""
+    def grow(c):
+      c = jnp.repeat(c if dtype is None else c.astype(dtype), repeats, axis=0)
+      return jnp.pad(c, ((0, 0), (0, length - c.shape[1]), (0, 0), (0, 0)))
+    return KVCache(tuple(map(grow, self.k)), tuple(map(grow, self.v)))
+
+  def map(self, fn) -> "KVCache":
+    return KVCache(tuple(map(fn, self.k)), tuple(map(fn, self.v)))
 
 
 class Attention(nnx.Module):
@@ -52,23 +71,21 @@ class Attention(nnx.Module):
                query_chunk=None):
     """x: [B, T, D]; cos, sin: [B, T, Dh]; mask: [B, T, S].
 
-    With this layer's cache (k, v: [B, S, K, Dh]) attention runs over all S slots, the
-    new keys/values placed at `cache_index`; returns them ([B, T, K, Dh]) for the caller
-    to store. `query_chunk`: see `layers.attention`.
+    Returns (output [B, T, D], the keys/values attended over, probabilities or None).
+    Without a cache those keys/values are the T new ones ([B, T, K, Dh]); with this
+    layer's cache (k, v: [B, S, K, Dh]) the new ones are written into slots
+    [cache_index, cache_index + T) and attention runs over all S slots: the returned
+    keys/values are the updated cache. `query_chunk`: see `layers.attention`.
     """
     b, t, _ = x.shape
     q, k = self.query_key(x, cos, sin)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    new_kv = None
     if cache_kv is not None:
-      # Attend over this layer's cache with the new keys/values in their slots; the caller
-      # writes `new_kv` into the stacked cache (in place, as a loop carry).
-      new_kv = (k.astype(cache_kv[0].dtype), v.astype(cache_kv[1].dtype))
-      k = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], new_kv[0], cache_index, axis=1).astype(q.dtype)
-      v = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], new_kv[1], cache_index, axis=1).astype(q.dtype)
-    out, probs = layers.attention(q, k, v, mask, return_probs=return_probs,
+      k, v = (jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), cache_index, axis=1)
+              for c, new in zip(cache_kv, (k, v)))
+    out, probs = layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, return_probs=return_probs,
                                   query_chunk=query_chunk)
-    return self.o_proj(out.reshape(b, t, -1)), new_kv, probs
+    return self.o_proj(out.reshape(b, t, -1)), (k, v), probs
 
   def query_key(self, x, cos, sin):
     """Rotated queries and keys: x: [B, T, D] (normed); cos, sin: [B, T, Dh].
@@ -94,12 +111,12 @@ class DecoderLayer(nnx.Module):
 
   def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None, return_probs=False,
                query_chunk=None):
-    h, new_cache, probs = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv,
-                                         cache_index, return_probs, query_chunk)
+    h, kv, probs = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv,
+                                  cache_index, return_probs, query_chunk)
     # The residual stream keeps its rows split over the batch axes (`constrain`), in the
     # backward pass too, instead of following the weights onto the hidden size.
     x = constrain(x + h, "residual")
-    return constrain(x + self.mlp(self.post_attention_layernorm(x)), "residual"), new_cache, probs
+    return constrain(x + self.mlp(self.post_attention_layernorm(x)), "residual"), kv, probs
 
 
 class TextDecoder(nnx.Module):
@@ -127,16 +144,33 @@ class TextDecoder(nnx.Module):
     layer_def, layer_state = nnx.split(self.layers)
     return nnx.merge(layer_def, jax.tree.map(lambda a: a[index], layer_state))
 
+  def layer_states(self) -> tuple[Any, ...]:
+    """Each layer's parameters sliced out of the stack, for `run_layers(layer_states=...)`:
+    a decode loop slices them once, before the loop, instead of in every step."""
+    layer_state = nnx.split(self.layers)[1]
+    return tuple(jax.tree.map(lambda a, i=i: a[i], layer_state) for i in range(self.cfg.num_hidden_layers))
+
   def run_layers(self, x, cos, sin, mask, cache: KVCache | None = None, cache_index=None,
                  attention_layers: tuple[int, ...] = (), stop_at_layer: int | None = None,
-                 query_chunk: int | None = None):
+                 query_chunk: int | None = None, return_kv: bool = False,
+                 layer_states: tuple[Any, ...] | None = None):
     """Runs the decoder layers. x: [B, T, D] -> [B, T, D] (before the final norm).
 
-    Layers in `attention_layers` also return their attention probabilities [B, H, T, S];
-    the scan is split around them so no other layer materialises its probabilities.
-    With `stop_at_layer` L, only layers 0..L-1 run and x is the residual stream entering
-    layer L (its input, before its input_layernorm); no cache then. `query_chunk`: every
-    layer attends that many queries at a time (`layers.attention`).
+    Returns (x, cache, probabilities by layer). Layers in `attention_layers` also return
+    their attention probabilities [B, H, T, S]; the scan is split around them so no other
+    layer materialises its probabilities. With `stop_at_layer` L, only layers 0..L-1 run
+    and x is the residual stream entering layer L (its input, before its
+    input_layernorm); no cache then. `query_chunk`: every layer attends that many queries
+    at a time (`layers.attention`).
+
+    Caches (inference only):
+      - `return_kv`: without a cache, the returned cache holds the T tokens' keys/values
+        (a prefill's; `KVCache.extend` makes a decode cache of them).
+      - `cache` (S slots a layer; mask [B, T, S]): the T new tokens are written at
+        `cache_index` and attend over all S slots; the updated cache is returned. The
+        layers are unrolled (a Python loop, not a scan), so every layer's cache is its
+        own loop-carried array, updated in place. `layer_states` (`self.layer_states()`)
+        are the layers' parameters, sliced once by the caller outside its decode loop.
 
     With a mesh in context (`jax.sharding.use_abstract_mesh`) the residual stream is
     constrained by `sharding.ACTIVATION_RULES["residual"]` (rows over data and fsdp);
@@ -144,51 +178,62 @@ class TextDecoder(nnx.Module):
     """
     x = constrain(x, "residual")
     layer_def, layer_state = nnx.split(self.layers)
-    policy = REMAT_POLICIES[self.remat_policy]
     n = self.cfg.num_hidden_layers
     if stop_at_layer is not None:
       if not 0 <= stop_at_layer < n:
         raise ValueError(f"stop_at_layer {stop_at_layer} out of range for {n} layers")
-      if cache is not None:
+      if cache is not None or return_kv:
         raise ValueError("stop_at_layer with a cache: the later layers' slots would not be written")
       n = stop_at_layer
-
-    def step(carry, xs, return_probs=False):
-      h, kv = carry
-      state, i = xs
-      layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-      h, new_kv, probs = nnx.merge(layer_def, state)(h, cos, sin, mask, layer_kv, cache_index, return_probs,
-                                                     query_chunk)
-      if kv is not None:
-        # Write only the new slots of layer i, so the stacked cache is updated in place.
-        kv = tuple(jax.lax.dynamic_update_slice(c, u[None], (i, 0, cache_index, 0, 0)) for c, u in zip(kv, new_kv))
-      return (h, kv), probs
-
-    def scan_step(carry, xs):
-      return step(carry, xs)[0], None
-
-    if policy is not None:
-      scan_step = jax.checkpoint(scan_step, policy=policy, prevent_cse=False)
-
     cuts = sorted({i for i in attention_layers if 0 <= i < n})
     if len(cuts) != len(set(attention_layers)):
       raise ValueError(f"attention_layers {attention_layers} out of range for {n} layers")
-    carry = (x, None if cache is None else (cache.k, cache.v))
+
+    if cache is not None:
+      if layer_states is None:
+        layer_states = self.layer_states()
+      keys, values, probs_out = [], [], {}
+      for i, state in enumerate(layer_states):
+        x, (k, v), probs = nnx.merge(layer_def, state)(x, cos, sin, mask, (cache.k[i], cache.v[i]), cache_index,
+                                                       i in cuts, query_chunk)
+        keys.append(k)
+        values.append(v)
+        if i in cuts:
+          probs_out[i] = probs
+      return x, KVCache(tuple(keys), tuple(values)), probs_out
+
+    def step(h, state, return_probs=False):
+      h, kv, probs = nnx.merge(layer_def, state)(h, cos, sin, mask, None, None, return_probs, query_chunk)
+      return h, (kv if return_kv else None), probs
+
+    def scan_step(h, state):
+      h, kv, _ = step(h, state)
+      return h, kv
+
+    policy = REMAT_POLICIES[self.remat_policy]
+    if policy is not None:
+      scan_step = jax.checkpoint(scan_step, policy=policy, prevent_cse=False)
+
+    kv_parts = []  # keys/values of consecutive runs of layers, stacked [layers, B, T, K, Dh]
     probs_out = {}
     start = 0
     for stop in cuts + [n]:
       if (start, stop) == (0, self.cfg.num_hidden_layers):
-        carry, _ = jax.lax.scan(scan_step, carry, (layer_state, jnp.arange(start, stop)))
+        x, kv = jax.lax.scan(scan_step, x, layer_state)
+        kv_parts.append(kv)
       elif stop > start:
         # Part of the stack: each step indexes its layer. Scanning over the slice
         # a[start:stop] instead makes XLA copy those layers' weights first (measured:
         # 27 of 28 layers, ~13 GB bf16 for the 7B, when reading the last layer).
-        def indexed_step(carry, i):
-          return scan_step(carry, (jax.tree.map(lambda a: a[i], layer_state), i))
-        carry, _ = jax.lax.scan(indexed_step, carry, jnp.arange(start, stop))
+        def indexed_step(h, i):
+          return scan_step(h, jax.tree.map(lambda a: a[i], layer_state))
+        x, kv = jax.lax.scan(indexed_step, x, jnp.arange(start, stop))
+        kv_parts.append(kv)
       if stop < n:
-        carry, probs_out[stop] = step(carry, (jax.tree.map(lambda a: a[stop], layer_state), stop),
-                                      return_probs=True)
+        x, kv, probs_out[stop] = step(x, jax.tree.map(lambda a: a[stop], layer_state), return_probs=True)
+        kv_parts.append(jax.tree.map(lambda a: a[None], kv))
       start = stop + 1
-    x, kv = carry
-    return x, (None if kv is None else KVCache(*kv)), probs_out
+    if not return_kv:
+      return x, None, probs_out
+    k, v = (jnp.concatenate([part[j] for part in kv_parts]) for j in (0, 1))
+    return x, KVCache(tuple(k[i] for i in range(n)), tuple(v[i] for i in range(n))), probs_out

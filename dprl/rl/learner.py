@@ -597,7 +597,8 @@ class RolloutConfig:
   Attributes:
     num_prompts: P, prompts (groups) per step.
     num_samples: G, responses per prompt.
-    max_new_tokens, temperature, top_p, top_k: sampling.
+    max_new_tokens, temperature, top_p, top_k, unstack_layers: sampling
+      (`dprl.sampling.SamplingConfig`).
     eos_token_ids: ids that end a response.
     pad_token_id: written after a response's end.
     vision_token_ids: image/video placeholder ids; a response ends at the first one it
@@ -618,6 +619,7 @@ class RolloutConfig:
   temperature: float = 1.0
   top_p: float = 1.0
   top_k: int = 0
+  unstack_layers: bool = True
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int = 0
   vision_token_ids: tuple[int, ...] = ()
@@ -718,7 +720,8 @@ def sample_groups(model, batch: Mapping[str, Any], key: jax.Array, config: Rollo
                   image_grid_thw=grid, max_new_tokens=config.max_new_tokens,
                   temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
                   seed=key, eos_token_id=list(config.eos_token_ids) or None,
-                  num_samples=group, pad_token_id=config.pad_token_id, mesh=mesh)
+                  num_samples=group, pad_token_id=config.pad_token_id, mesh=mesh,
+                  unstack_layers=config.unstack_layers)
   tokens = np.asarray(out.tokens, np.int32)
   mask = np.asarray(out.mask, np.int32)
   lengths = np.asarray(out.lengths)

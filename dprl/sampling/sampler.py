@@ -19,7 +19,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dprl.models.qwen2_5_vl import Qwen2_5_VL, check_image_inputs, frame_patch_bound
-from dprl.models.text import KVCache
 from dprl.parallel import batches as batches_lib
 from dprl.sampling.processors import sample_tokens
 
@@ -33,6 +32,12 @@ class SamplingConfig:
   num_samples: int = 1
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int = 0
+  # Decode from per-layer copies of the decoder's stacked weights, made once a call. XLA
+  # otherwise copies each layer's slice in every step: on an H200 at Qwen2.5-VL-3B's shapes
+  # (64 rows, bf16) a step took 6.4 ms that way and 3.5 ms with the copies
+  # (benchmarks/results/h200_3b_*.json), which cost one more set of the decoder's weights
+  # on the device while sampling (peak 13.1 vs 8.6 GiB there). False where memory is short.
+  unstack_layers: bool = True
 
   def validate(self) -> None:
     if self.max_new_tokens < 1:
@@ -72,20 +77,20 @@ def _sample(state, input_ids, attention_mask, pixel_values, image_grid_thw, key,
     return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
   prompt_mask = attention_mask.astype(jnp.int32)
-  key_mask = jnp.concatenate([prompt_mask, jnp.zeros((p, n), jnp.int32)], axis=1)
-  cache = KVCache.zeros(mcfg.text, p, s, mcfg.dtype)
-  cache = KVCache(*(constrain(c, P(None, "data", None, "tensor", None)) for c in cache))
-  out = model(input_ids, attention_mask=key_mask, pixel_values=pixel_values,
-              image_grid_thw=image_grid_thw, cache=cache, cache_index=0, logits_to_keep=1,
-              max_frame_patches=max_frame_patches)
+  out = model(input_ids, attention_mask=prompt_mask, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+              logits_to_keep=1, max_frame_patches=max_frame_patches, return_kv=True)
 
-  # Broadcast each prompt's cache to its G samples (prompt-major rows).
-  rep = lambda x, axis=0: jnp.repeat(x, g, axis=axis)
-  cache = KVCache(*(constrain(rep(c, 1), P(None, "data", None, "tensor", None)) for c in out.cache))
-  key_mask = constrain(rep(key_mask), P("data", None))
+  # Each prompt's keys/values fill the first T slots of its G samples' caches (prompt-major
+  # rows): the prompt is prefilled once, not G times.
+  rep = lambda x: jnp.repeat(x, g, axis=0)
+  cache = out.cache.extend(s, g, mcfg.dtype).map(lambda c: constrain(c, P("data", None, "tensor", None)))
+  key_mask = jnp.concatenate([rep(prompt_mask), jnp.zeros((b, n), jnp.int32)], axis=1)
+  key_mask = constrain(key_mask, P("data", None))
   logits = rep(out.logits[:, -1])
   next_pos = rep(prompt_mask.sum(1) + out.rope_deltas)
   eos = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
+  # Sliced out of the stacked weights once, outside the loop (SamplingConfig.unstack_layers).
+  layer_states = model.model.layer_states() if cfg.unstack_layers else None
 
   def cond(carry):
     i, done = carry[0], carry[5]
@@ -101,12 +106,12 @@ def _sample(state, input_ids, attention_mask, pixel_values, image_grid_thw, key,
     done = done | jnp.isin(tok, eos)
     key_mask = key_mask.at[:, t + i].set(1)
     pos = jnp.broadcast_to(next_pos[None, :, None], (3, b, 1))
-    step = model(tok[:, None], attention_mask=key_mask, position_ids=pos, cache=KVCache(*cache),
-                 cache_index=t + i)
-    return (i + 1, tuple(step.cache), key_mask, step.logits[:, -1], next_pos + 1, done, tokens,
+    step = model(tok[:, None], attention_mask=key_mask, position_ids=pos, cache=cache, cache_index=t + i,
+                 layer_states=layer_states)
+    return (i + 1, step.cache, key_mask, step.logits[:, -1], next_pos + 1, done, tokens,
             logprobs, key)
 
-  carry = (jnp.int32(0), tuple(cache), key_mask, logits, next_pos, jnp.zeros((b,), bool),
+  carry = (jnp.int32(0), cache, key_mask, logits, next_pos, jnp.zeros((b,), bool),
            jnp.full((b, n), cfg.pad_token_id, jnp.int32), jnp.zeros((b, n), jnp.float32), key)
   carry = jax.lax.while_loop(cond, body, carry)
   tokens, logprobs = carry[6], carry[7]
@@ -199,13 +204,15 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | jax.Array = 0, eos_token_id: int | Sequence[int] | None = None,
              num_samples: int = 1, pad_token_id: int | None = None, mesh: Mesh | None = None,
-             bucket_prompts: bool = True) -> SampleOutput:
+             bucket_prompts: bool = True, unstack_layers: bool = True) -> SampleOutput:
   """Samples `num_samples` continuations of each left-padded prompt.
 
   Args:
     input_ids: [P, T] left-padded prompts; attention_mask: [P, T] (1 = real token).
     pixel_values, image_grid_thw: the prompts' images in transformers' processor format.
     eos_token_id: id(s) that end a row (default: the model config's eos_token_id).
+    unstack_layers: decode from per-layer weight copies made once a call (faster; one more
+      copy of the decoder's weights on the device while sampling): `SamplingConfig`.
     seed: an int or a PRNG key.
     mesh: if given, prompts are split over `data` and the cache over `tensor` (heads).
       With several processes (multi-host) and a mesh, every argument is this process's
@@ -229,7 +236,8 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
   eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
   pad = pad_token_id if pad_token_id is not None else (mcfg.text.pad_token_id or (eos[0] if eos else 0))
   cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
-                       top_k=int(top_k), num_samples=num_samples, eos_token_ids=eos, pad_token_id=int(pad))
+                       top_k=int(top_k), num_samples=num_samples, eos_token_ids=eos, pad_token_id=int(pad),
+                       unstack_layers=bool(unstack_layers))
   cfg.validate()
   rows = None  # several processes: this process's prompts within the global batch
   if mesh is not None and jax.process_count() > 1:
