@@ -119,14 +119,19 @@ class Qwen2_5_VL(nnx.Module):
     flat = jnp.where(is_img[:, None], features[src], x.reshape(-1, x.shape[-1]))
     return flat.reshape(x.shape)
 
-  def logits(self, hidden: jax.Array) -> jax.Array:
-    """hidden: [B, T, D] (normed) -> float32 logits [B, T, V]."""
-    dtype = self.config.dtype
+  def head_weight(self) -> jax.Array:
+    """The output projection as stored, in the compute dtype: the token embedding [V, D]
+    when tied, else lm_head [D, V]. A decode loop casts it once (`logits(head=...)`)
+    rather than in every step."""
+    w = self.model.embed_tokens.embedding if self.lm_head is None else self.lm_head
+    return w[...].astype(self.config.dtype)
+
+  def logits(self, hidden: jax.Array, head: jax.Array | None = None) -> jax.Array:
+    """hidden: [B, T, D] (normed) -> float32 logits [B, T, V]; head: `head_weight()`."""
+    w = self.head_weight() if head is None else head
     if self.lm_head is None:
-      w = self.model.embed_tokens.embedding[...].astype(dtype).T
-    else:
-      w = self.lm_head[...].astype(dtype)
-    return jnp.dot(hidden.astype(dtype), w, preferred_element_type=jnp.float32)
+      w = w.T
+    return jnp.dot(hidden.astype(self.config.dtype), w, preferred_element_type=jnp.float32)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                pixel_values: jax.Array | None = None, image_grid_thw: jax.Array | None = None, *,
@@ -136,7 +141,7 @@ class Qwen2_5_VL(nnx.Module):
                max_frame_patches: int | None = None,
                stop_at_layer: int | None = None,
                query_chunk: int | None = None, return_kv: bool = False,
-               layer_states: tuple[Any, ...] | None = None) -> ModelOutput:
+               layer_states: tuple[Any, ...] | None = None, head: jax.Array | None = None) -> ModelOutput:
     """Forward pass of a left-padded batch.
 
     Args:
@@ -150,7 +155,8 @@ class Qwen2_5_VL(nnx.Module):
       cache: KVCache of S slots; the new keys/values go to slots [cache_index, cache_index+T)
         and the updated cache is returned (decoding: layers unrolled, `TextDecoder.run_layers`).
       return_kv: without a cache, return the T tokens' keys/values as `cache` (a prefill's).
-      layer_states: `self.model.layer_states()`, sliced once outside a decode loop.
+      layer_states, head: `self.model.layer_states(dtype)` and `self.head_weight()`, sliced
+        and cast once outside a decode loop.
       logits_to_keep: if > 0, only the last that many positions get logits.
       attention_layers: decoder layers whose attention probabilities to return.
       max_frame_patches: static bound on every image's h*w patches (`frame_patch_bound`),
@@ -195,7 +201,7 @@ class Qwen2_5_VL(nnx.Module):
     x = self.model.norm(x)
     if logits_to_keep:
       x = x[:, -logits_to_keep:]
-    return ModelOutput(self.logits(x), rope_deltas, new_cache, attentions or None,
+    return ModelOutput(self.logits(x, head), rope_deltas, new_cache, attentions or None,
                        x if return_hidden else None)
 
 

@@ -32,11 +32,12 @@ class SamplingConfig:
   num_samples: int = 1
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int = 0
-  # Decode from per-layer copies of the decoder's stacked weights, made once a call. XLA
-  # otherwise copies each layer's slice in every step: on an H200 at Qwen2.5-VL-3B's shapes
-  # (64 rows, bf16) a step took 6.4 ms that way and 3.5 ms with the copies
-  # (benchmarks/results/h200_3b_*.json), which cost one more set of the decoder's weights
-  # on the device while sampling (peak 13.1 vs 8.6 GiB there). False where memory is short.
+  # Decode from per-layer copies of the decoder's stacked weights, in the compute dtype,
+  # made once a call. XLA otherwise copies each layer's slice in every step: on an H200 at
+  # Qwen2.5-VL-3B's shapes (64 rows, bf16) a step took 6.4 ms that way and 3.5 ms with the
+  # copies (benchmarks/results/h200_3b_*.json), which cost one more set of the decoder's
+  # weights on the device while sampling (peak 13.1 vs 8.6 GiB there). False where memory
+  # is short.
   unstack_layers: bool = True
 
   def validate(self) -> None:
@@ -90,7 +91,8 @@ def _sample(state, input_ids, attention_mask, pixel_values, image_grid_thw, key,
   next_pos = rep(prompt_mask.sum(1) + out.rope_deltas)
   eos = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
   # Sliced out of the stacked weights once, outside the loop (SamplingConfig.unstack_layers).
-  layer_states = model.model.layer_states() if cfg.unstack_layers else None
+  layer_states = model.model.layer_states(mcfg.dtype) if cfg.unstack_layers else None
+  head = model.head_weight()
 
   def cond(carry):
     i, done = carry[0], carry[5]
@@ -107,7 +109,7 @@ def _sample(state, input_ids, attention_mask, pixel_values, image_grid_thw, key,
     key_mask = key_mask.at[:, t + i].set(1)
     pos = jnp.broadcast_to(next_pos[None, :, None], (3, b, 1))
     step = model(tok[:, None], attention_mask=key_mask, position_ids=pos, cache=cache, cache_index=t + i,
-                 layer_states=layer_states)
+                 layer_states=layer_states, head=head)
     return (i + 1, step.cache, key_mask, step.logits[:, -1], next_pos + 1, done, tokens,
             logprobs, key)
 
