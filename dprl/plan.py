@@ -99,7 +99,7 @@ class Shapes:
   prompts: int  # P, prompts per sampler call (data.rollout_batch_size)
   samples: int  # G
   prompt_len: int  # padded prompt length of the learner (the longest pipeline bucket)
-  sampler_prompt_len: int  # the sampler's power-of-two bucket of it
+  sampler_prompt_len: int  # the sampler's width for it (the pipeline's largest bucket)
   new_tokens: int  # N
   image_grid: tuple[int, int, int] | None  # (t, h, w) patches of each image, or None
   images_per_prompt: int
@@ -116,7 +116,8 @@ class Shapes:
 def run_shapes(config, cfg, image_pixels: int | None, images_per_prompt: int) -> Shapes:
   """The step's shapes; errors name the field or flag that makes them impossible."""
   from dprl.data import image_processing  # pylint: disable=g-import-not-at-top
-  from dprl.sampling.sampler import bucket  # pylint: disable=g-import-not-at-top
+  from dprl.sampling.sampler import prompt_width  # pylint: disable=g-import-not-at-top
+  from dprl.train import prompt_buckets  # pylint: disable=g-import-not-at-top
   data, rl = config.data, config.rl
   if images_per_prompt < 0:
     raise PlanError(f"--images_per_prompt={images_per_prompt} must be >= 0")
@@ -138,7 +139,7 @@ def run_shapes(config, cfg, image_pixels: int | None, images_per_prompt: int) ->
   micro = min(rl.micro_batch_size, update_prompts * config.sampling.num_samples)
   logprob_micro = min(rl.logprob_micro_batch_size or rl.micro_batch_size, rows)
   return Shapes(prompts=data.rollout_batch_size, samples=config.sampling.num_samples,
-                prompt_len=data.max_prompt_length, sampler_prompt_len=bucket(data.max_prompt_length),
+                prompt_len=data.max_prompt_length, sampler_prompt_len=prompt_width(data.max_prompt_length, prompt_buckets(config)),
                 new_tokens=config.sampling.max_new_tokens, image_grid=grid,
                 images_per_prompt=images_per_prompt, micro_batch=micro, logprob_micro_batch=logprob_micro,
                 updates_per_step=updates, beta=rl.beta)

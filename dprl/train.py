@@ -42,7 +42,7 @@ from ml_collections import config_flags
 from dprl import cli
 from dprl import metrics as metrics_lib
 from dprl.data import tokenizer as tokenizer_lib
-from dprl.data.pipeline import Pipeline, PipelineConfig
+from dprl.data.pipeline import Pipeline, PipelineConfig, bucket_lengths
 from dprl.models import qwen2_5_vl
 from dprl.models.config import ModelConfig, VisionConfig, from_hf_dict, get_preset, to_hf_dict
 from dprl.parallel import batches as batches_lib
@@ -145,6 +145,11 @@ def make_pipeline(config: ml_collections.ConfigDict, records, tokenizer, *, batc
       max_prompt_length=data.max_prompt_length, num_threads=data.num_threads,
       length_buckets=parse_length_buckets(data.get("length_buckets", "")))
   return Pipeline(records, tokenizer, pipeline_config)
+
+
+def prompt_buckets(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The widths the training pipeline pads prompts to (`make_pipeline`'s buckets)."""
+  return bucket_lengths(config.data.max_prompt_length, parse_length_buckets(config.data.get("length_buckets", "")))
 
 
 def parse_length_buckets(text: str) -> tuple[int, ...] | None:
@@ -281,6 +286,7 @@ def rollout_config(config, tokenizer) -> learner_lib.RolloutConfig:
       max_new_tokens=config.sampling.max_new_tokens,
       temperature=config.sampling.temperature, top_p=config.sampling.top_p,
       top_k=config.sampling.top_k, unstack_layers=config.sampling.unstack_layers,
+      prompt_buckets=prompt_buckets(config),
       eos_token_ids=token_ids(tokenizer, config.sampling.eos_tokens, "sampling.eos_tokens"),
       pad_token_id=special.pad, vision_token_ids=(special.image_pad, special.video_pad),
       reward_fn=config.rl.reward_fn,

@@ -82,11 +82,13 @@ def test_kv_cache_bytes_follow_the_samplers_sharding():
                                       "rl.micro_batch_size": 8})
   result = plan_lib.plan(config, num_devices=8, compile_functions=False)
   t = get_preset("qwen2_5_vl_7b").text
-  slots = 1024 + 24  # the sampler's power-of-two prompt bucket + new tokens
+  # The pipeline pads prompts to at most max_prompt_length (its largest bucket), and the
+  # sampler keeps the pipeline's widths: prompt + new tokens.
+  slots = 1000 + 24
   rows = 8 * 8  # prompts x samples
   whole = 2 * t.num_hidden_layers * rows * slots * t.num_key_value_heads * t.head_dim * 2  # k, v; bfloat16
   assert result["bytes"]["kv_cache"] == whole // 2 // 2  # rows over data, heads over tensor
-  assert result["settings"]["sampler_prompt_len"] == 1024
+  assert result["settings"]["sampler_prompt_len"] == 1000
 
 
 def test_a_mesh_of_more_devices_than_given_names_the_flags():

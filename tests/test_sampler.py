@@ -10,7 +10,7 @@ import torch
 
 from dprl.models import qwen2_5_vl
 from dprl.parallel.mesh import make_mesh
-from dprl.sampling import generate
+from dprl.sampling import generate, prompt_width
 from dprl.sampling.processors import sample_tokens
 from hf_reference import IMAGE_TOKEN, make_hf_model, multimodal_batch
 
@@ -103,6 +103,23 @@ def test_logprobs_equal_transformers_teacher_forced(model, hf_model, batch, num_
   valid = m.astype(bool)
   np.testing.assert_allclose(lp[valid], ref[valid], atol=1e-4)
   assert np.all(lp[~valid] == 0)
+
+
+def test_prompt_width_keeps_the_pipelines_buckets_else_powers_of_two():
+  assert prompt_width(34) == 64 and prompt_width(9) == 16
+  assert prompt_width(34, (32, 40, 80)) == 40  # the smallest bucket that holds the prompts
+  assert prompt_width(40, (32, 40, 80)) == 40
+  assert prompt_width(81, (32, 40, 80)) == 128  # wider than every bucket: a power of two
+
+
+def test_prompt_buckets_change_the_padding_not_the_samples(model, batch):
+  ids, mask, pv, thw = batch  # 48 tokens wide: padded to 64 by default, kept at 48 here
+  assert ids.shape[1] == 48
+  kw = dict(max_new_tokens=6, temperature=0.0)
+  default = generate(model, ids, mask, pv, thw, **kw)
+  narrow = generate(model, ids, mask, pv, thw, prompt_buckets=(40, 48, 80), **kw)
+  np.testing.assert_array_equal(np.asarray(narrow.tokens), np.asarray(default.tokens))
+  np.testing.assert_allclose(np.asarray(narrow.logprobs), np.asarray(default.logprobs), atol=1e-5)
 
 
 def test_group_samples_share_one_prefill(model, batch):

@@ -381,7 +381,7 @@ def rollout_records(
             model, tokenizer, chunk, key=jax.random.fold_in(key, chunk.index),
             num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, eos_ids=eos_ids, pad_id=pad_id, reward_fn=reward_fn,
-            reward_params=reward_params, mesh=mesh):
+            reward_params=reward_params, mesh=mesh, prompt_buckets=config.buckets):
           if result.id in done:  # scored before the chunk was interrupted
             continue
           new[result.id] = result
@@ -404,7 +404,8 @@ def rollout_records(
 def _sample_and_score(model, tokenizer, chunk: _Chunk, *, key, num_samples: int,
                       max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                       eos_ids: tuple[int, ...], pad_id: int, reward_fn,
-                      reward_params: Mapping[str, Any], mesh) -> list[ItemResult]:
+                      reward_params: Mapping[str, Any], mesh,
+                      prompt_buckets: tuple[int, ...]) -> list[ItemResult]:
   batch = chunk.batch
   has_images = batch["image_grid_thw"].shape[0] > 0
   out = generate(model, batch["input_ids"], batch["attention_mask"],
@@ -412,7 +413,7 @@ def _sample_and_score(model, tokenizer, chunk: _Chunk, *, key, num_samples: int,
                  batch["image_grid_thw"] if has_images else None,
                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                  top_k=top_k, seed=key, eos_token_id=eos_ids, num_samples=num_samples,
-                 pad_token_id=pad_id, mesh=mesh)
+                 pad_token_id=pad_id, mesh=mesh, prompt_buckets=prompt_buckets)
   rows = chunk.num_real * num_samples  # prompt-major: the padding copies come last
   tokens = np.asarray(out.tokens)[:rows]
   lengths = np.asarray(out.lengths)[:rows]

@@ -38,12 +38,6 @@ class KVCache(NamedTuple):
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
 
-  @classmethod
-  def zeros(cls, cfg: TextConfig, batch: int, length: int, dtype: Any) -> "KVCache":
-    shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
-    layers_ = range(cfg.num_hidden_layers)
-    return cls(tuple(jnp.zeros(shape, dtype) for _ in layers_), tuple(jnp.zeros(shape, dtype) for _ in layers_))
-
   def extend(self, length: int, repeats: int = 1, dtype: Any = None) -> "KVCache":
     """A prompt's keys/values ([B, T, K, Dh] a layer) as the first T slots of a cache of
     `length` slots, each row repeated `repeats` times (row-major: b * repeats + j)."""

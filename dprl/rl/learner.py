@@ -599,6 +599,8 @@ class RolloutConfig:
     num_samples: G, responses per prompt.
     max_new_tokens, temperature, top_p, top_k, unstack_layers: sampling
       (`dprl.sampling.SamplingConfig`).
+    prompt_buckets: the data pipeline's padded prompt widths, which the sampler keeps
+      (`dprl.sampling.prompt_width`); () = its powers of two.
     eos_token_ids: ids that end a response.
     pad_token_id: written after a response's end.
     vision_token_ids: image/video placeholder ids; a response ends at the first one it
@@ -620,6 +622,7 @@ class RolloutConfig:
   top_p: float = 1.0
   top_k: int = 0
   unstack_layers: bool = True
+  prompt_buckets: tuple[int, ...] = ()
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int = 0
   vision_token_ids: tuple[int, ...] = ()
@@ -721,7 +724,7 @@ def sample_groups(model, batch: Mapping[str, Any], key: jax.Array, config: Rollo
                   temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
                   seed=key, eos_token_id=list(config.eos_token_ids) or None,
                   num_samples=group, pad_token_id=config.pad_token_id, mesh=mesh,
-                  unstack_layers=config.unstack_layers)
+                  unstack_layers=config.unstack_layers, prompt_buckets=config.prompt_buckets or None)
   tokens = np.asarray(out.tokens, np.int32)
   mask = np.asarray(out.mask, np.int32)
   lengths = np.asarray(out.lengths)

@@ -1,5 +1,5 @@
 """Jitted, sharded generation with a KV cache."""
 
-from dprl.sampling.sampler import SampleOutput, SamplingConfig, bucket, generate
+from dprl.sampling.sampler import SampleOutput, SamplingConfig, bucket, generate, prompt_width
 
-__all__ = ["SampleOutput", "SamplingConfig", "bucket", "generate"]
+__all__ = ["SampleOutput", "SamplingConfig", "bucket", "generate", "prompt_width"]

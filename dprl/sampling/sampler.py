@@ -1,9 +1,12 @@
 """Jitted multimodal generation with a preallocated KV cache.
 
 One jit holds the whole generation: prefill (the vision tower runs once; each prompt is
-prefilled once and its cache broadcast to its G samples), then a `lax.while_loop` of
-single-token decode steps over the cache, which XLA updates in place. Prompt lengths
-and patch counts are bucketed to powers of two so new shapes, and recompiles, are rare.
+prefilled once and its keys/values copied into its G samples' caches), then a
+`lax.while_loop` of single-token decode steps over a preallocated cache, one array per
+layer, which XLA updates in place; the decode steps read per-layer weight copies made once
+a call (`SamplingConfig.unstack_layers`). Prompt widths (to the data pipeline's buckets or
+powers of two) and patch counts (powers of two) are bucketed so that new shapes, and
+recompiles, are rare.
 """
 
 from __future__ import annotations
@@ -63,6 +66,14 @@ class SampleOutput(NamedTuple):
 def bucket(n: int, minimum: int = 16) -> int:
   """The power of two >= n (and >= minimum)."""
   return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def prompt_width(n: int, prompt_buckets: Sequence[int] | None = None) -> int:
+  """The width `generate` pads n-token prompts to: the smallest of `prompt_buckets` that
+  holds them (the data pipeline's length buckets, whose batches then keep their width), or
+  the power of two (`bucket`) when none does or none are given."""
+  fits = [b for b in prompt_buckets or () if b >= n]
+  return min(fits) if fits else bucket(n)
 
 
 def _sample(state, input_ids, attention_mask, pixel_values, image_grid_thw, key, *,
@@ -138,7 +149,7 @@ def jitted(graphdef: nnx.GraphDef, cfg: SamplingConfig, mesh: Mesh | None, max_f
          image_grid_thw [I, 3] | None, key) -> SampleOutput
 
   with `graphdef, state = nnx.split(model)`, prompts sharded over `data` (when `mesh` is
-  given), images replicated, T and N bucketed as `generate` buckets them (`bucket`,
+  given), images replicated, T and N bucketed as `generate` buckets them (`prompt_width`,
   `bucket_images`), and `max_frame_patches = frame_patch_bound(image_grid_thw)`.
   """
   return _compiled(graphdef, cfg, mesh, max_frame_patches)
@@ -206,13 +217,18 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | jax.Array = 0, eos_token_id: int | Sequence[int] | None = None,
              num_samples: int = 1, pad_token_id: int | None = None, mesh: Mesh | None = None,
-             bucket_prompts: bool = True, unstack_layers: bool = True) -> SampleOutput:
+             bucket_prompts: bool = True, prompt_buckets: Sequence[int] | None = None,
+             unstack_layers: bool = True) -> SampleOutput:
   """Samples `num_samples` continuations of each left-padded prompt.
 
   Args:
     input_ids: [P, T] left-padded prompts; attention_mask: [P, T] (1 = real token).
     pixel_values, image_grid_thw: the prompts' images in transformers' processor format.
     eos_token_id: id(s) that end a row (default: the model config's eos_token_id).
+    bucket_prompts: pad the prompts' width (`prompt_width`) and the images' patch count
+      (`bucket_images`) to few distinct shapes, so that jit compiles rarely.
+    prompt_buckets: the widths prompts may be padded to, e.g. the data pipeline's length
+      buckets (a pipeline batch of width 40 is not padded to 64 then); None: powers of two.
     unstack_layers: decode from per-layer weight copies made once a call (faster; one more
       copy of the decoder's weights on the device while sampling): `SamplingConfig`.
     seed: an int or a PRNG key.
@@ -246,7 +262,8 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
     input_ids, attention_mask, pixel_values, image_grid_thw, rows = _prompts_of_all_processes(
         input_ids, attention_mask, pixel_values, image_grid_thw, mcfg.vision.patch_dim)
   if bucket_prompts:
-    input_ids, attention_mask = _pad_prompts(input_ids, attention_mask, bucket(input_ids.shape[1]))
+    input_ids, attention_mask = _pad_prompts(input_ids, attention_mask,
+                                             prompt_width(input_ids.shape[1], prompt_buckets))
   if pixel_values is not None:
     pixel_values = np.asarray(pixel_values, np.float32)
     image_grid_thw = np.asarray(image_grid_thw, np.int32)
