@@ -333,3 +333,30 @@ def test_jitted_forward_with_a_frame_bound_matches_transformers(model, hf_model)
   ref = hf_logits(hf_model, ids, mask, pv, thw)
   valid = mask.astype(bool)
   np.testing.assert_allclose(got[valid], ref[valid], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("attention_layers", [(), (0,)])
+def test_prefill_keys_values_then_cached_decode_steps_match_transformers(model, hf_model, attention_layers):
+  # The sampler's path through the model: a prefill returning its keys/values (the scan,
+  # split around a layer whose probabilities are asked for), a cache made of them, then one
+  # token at a time through the unrolled layers; the logits equal transformers' forward of
+  # the whole sequence at those positions.
+  ids, mask, pv, thw = _inputs("images_of_different_sizes_left_padded")
+  ref = hf_logits(hf_model, ids, mask, pv, thw)
+  steps = 2  # the last two tokens (text in every row) go through the cache
+  prompt_ids, prompt_mask = ids[:, :-steps], mask[:, :-steps]
+  out = _ours(model, prompt_ids, prompt_mask, pv, thw, return_kv=True, attention_layers=attention_layers)
+  np.testing.assert_allclose(np.asarray(out.logits)[:, -1], ref[:, -steps - 1], atol=TOL, rtol=0)
+  t = prompt_ids.shape[1]
+  cache = out.cache.extend(ids.shape[1])
+  assert cache.k[0].shape == (ids.shape[0], ids.shape[1]) + cache.k[0].shape[2:]
+  key_mask = jnp.asarray(np.concatenate([prompt_mask, np.zeros((ids.shape[0], steps), prompt_mask.dtype)], 1))
+  next_pos = jnp.asarray(prompt_mask.sum(1)) + out.rope_deltas
+  layer_states = model.model.layer_states(jnp.float32)
+  for i in range(steps):
+    key_mask = key_mask.at[:, t + i].set(1)
+    pos = jnp.broadcast_to((next_pos + i)[None, :, None], (3, ids.shape[0], 1))
+    step = model(jnp.asarray(ids[:, t + i:t + i + 1]), attention_mask=key_mask, position_ids=pos, cache=cache,
+                 cache_index=t + i, layer_states=layer_states, head=model.head_weight())
+    cache = step.cache
+    np.testing.assert_allclose(np.asarray(step.logits)[:, -1], ref[:, t + i], atol=TOL, rtol=0)

@@ -44,9 +44,10 @@ class KVCache(NamedTuple):
     def grow(c):
       c = jnp.repeat(c if dtype is None else c.astype(dtype), repeats, axis=0)
       return jnp.pad(c, ((0, 0), (0, length - c.shape[1]), (0, 0), (0, 0)))
-    return KVCache(tuple(map(grow, self.k)), tuple(map(grow, self.v)))
+    return self.map(grow)
 
   def map(self, fn) -> "KVCache":
+    """`fn` applied to every layer's keys and values."""
     return KVCache(tuple(map(fn, self.k)), tuple(map(fn, self.v)))
 
 
@@ -187,7 +188,8 @@ class TextDecoder(nnx.Module):
       if not 0 <= stop_at_layer < n:
         raise ValueError(f"stop_at_layer {stop_at_layer} out of range for {n} layers")
       if cache is not None or return_kv:
-        raise ValueError("stop_at_layer with a cache: the later layers' slots would not be written")
+        raise ValueError("stop_at_layer with a cache or return_kv: the later layers' keys/values "
+                         "would not be computed")
       n = stop_at_layer
     cuts = sorted({i for i in attention_layers if 0 <= i < n})
     if len(cuts) != len(set(attention_layers)):
