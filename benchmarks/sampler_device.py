@@ -70,14 +70,14 @@ def prompts(cfg, num_prompts: int, image_px: int, prompt_text: int, seed: int = 
   return ids.astype(np.int32), np.ones_like(ids, np.int32), pv, thw
 
 
-def decode_bytes(cfg, state, rows: int, slots: int) -> dict[str, int]:
+def decode_bytes(cfg, model, rows: int, slots: int) -> dict[str, int]:
   """Bytes one decode step reads: decoder weights (+ LM head) and the whole KV cache."""
   import jax
   from flax import nnx
   text = cfg.text
-  layer_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(state.model.layers)))
-  norm_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(state.model.norm)))
-  head = state.model.embed_tokens.embedding if state.lm_head is None else state.lm_head
+  layer_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model.model.layers)))
+  norm_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model.model.norm)))
+  head = model.model.embed_tokens.embedding if model.lm_head is None else model.lm_head
   head_bytes = int(np.prod(head.shape)) * np.dtype(cfg.dtype).itemsize
   kv_bytes = 2 * text.num_hidden_layers * rows * slots * text.num_key_value_heads * text.head_dim * np.dtype(
       cfg.dtype).itemsize
@@ -85,15 +85,15 @@ def decode_bytes(cfg, state, rows: int, slots: int) -> dict[str, int]:
 
 
 def time_call(fn, repeats: int) -> tuple[float, float]:
-  """(first call's seconds: compile + run, fastest of `repeats` further calls)."""
-  import jax
+  """(first call's seconds: compile + run, fastest of `repeats` further calls) of
+  `fn(seed)`, which must return only once the device has finished its work."""
   t0 = time.perf_counter()
-  jax.block_until_ready(fn(0))
+  fn(0)
   first = time.perf_counter() - t0
   times = []
   for seed in range(1, repeats + 1):
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(seed))
+    fn(seed)
     times.append(time.perf_counter() - t0)
   return first, min(times)
 
@@ -103,7 +103,7 @@ def run_dprl(args, bandwidth: float) -> dict:
   import jax.numpy as jnp
   from dprl.models import qwen2_5_vl
   from dprl.models.config import get_preset
-  from dprl.sampling import bucket, generate
+  from dprl.sampling import generate, prompt_width
   cfg = dataclasses.replace(get_preset(args.preset), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   t0 = time.perf_counter()
   model = qwen2_5_vl.init(cfg, seed=0)
@@ -113,14 +113,14 @@ def run_dprl(args, bandwidth: float) -> dict:
   rows = args.prompts * args.samples
 
   def run(new_tokens):
-    return lambda seed: generate(model, ids, mask, pv, thw, max_new_tokens=new_tokens,
-                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                 num_samples=args.samples, seed=seed, eos_token_id=())
+    return lambda seed: jax.block_until_ready(generate(
+        model, ids, mask, pv, thw, max_new_tokens=new_tokens, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, num_samples=args.samples, seed=seed, eos_token_id=()))
 
   first_1, t_1 = time_call(run(1), args.repeats)
   first_n, t_n = time_call(run(args.new_tokens), args.repeats)
   step = (t_n - t_1) / (args.new_tokens - 1)
-  slots = bucket(ids.shape[1]) + args.new_tokens
+  slots = prompt_width(ids.shape[1]) + args.new_tokens
   need = decode_bytes(cfg, model, rows, slots)
   achieved = (need["weights"] + need["kv_cache"]) / step
   return dict(engine="dprl", rows=rows, prompt_tokens=ids.shape[1], new_tokens=args.new_tokens,
@@ -131,7 +131,7 @@ def run_dprl(args, bandwidth: float) -> dict:
               peak_device_gib=_peak_device_gib())
 
 
-def run_transformers(args, bandwidth: float) -> dict:
+def run_transformers(args) -> dict:
   import torch
   from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
   from dprl.models.config import get_preset, to_hf_dict
@@ -164,25 +164,13 @@ def run_transformers(args, bandwidth: float) -> dict:
     return call
 
   new_tokens = args.reference_new_tokens or args.new_tokens
-  _, t_1 = _torch_time(run(1), args.repeats)
-  _, t_n = _torch_time(run(new_tokens), args.repeats)
+  _, t_1 = time_call(run(1), args.repeats)
+  _, t_n = time_call(run(new_tokens), args.repeats)
   step = (t_n - t_1) / (new_tokens - 1)
   return dict(engine="transformers", rows=rows, prompt_tokens=ids.shape[1], new_tokens=new_tokens,
               tokens_per_s=rows * new_tokens / t_n, seconds=t_n, prefill_and_first_token_s=t_1,
               decode_step_ms=step * 1e3,
               peak_device_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
-
-
-def _torch_time(fn, repeats):
-  t0 = time.perf_counter()
-  fn(0)
-  first = time.perf_counter() - t0
-  times = []
-  for seed in range(1, repeats + 1):
-    t0 = time.perf_counter()
-    fn(seed)
-    times.append(time.perf_counter() - t0)
-  return first, min(times)
 
 
 def _peak_device_gib() -> float | None:
@@ -216,7 +204,7 @@ def main():
   bandwidth = copy_bandwidth(args.bandwidth_gib)
   results = [run_dprl(args, bandwidth)]
   if args.reference == "transformers":
-    results.append(run_transformers(args, bandwidth))
+    results.append(run_transformers(args))
   print(f"device: {device.device_kind} ({device.platform}); copy bandwidth {bandwidth / 1e9:.0f} GB/s")
   print_table(results, ["engine", "rows", "prompt_tokens", "new_tokens", "tokens_per_s", "decode_step_ms",
                         "prefill_and_first_token_s", "weight_gib", "kv_cache_gib", "achieved_gb_per_s",
