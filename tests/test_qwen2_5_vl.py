@@ -349,14 +349,15 @@ def test_prefill_keys_values_then_cached_decode_steps_match_transformers(model, 
   np.testing.assert_allclose(np.asarray(out.logits)[:, -1], ref[:, -steps - 1], atol=TOL, rtol=0)
   t = prompt_ids.shape[1]
   cache = out.cache.extend(ids.shape[1])
-  assert cache.k[0].shape == (ids.shape[0], ids.shape[1]) + cache.k[0].shape[2:]
+  assert cache.k[0].shape == (ids.shape[0], model.config.text.num_key_value_heads, model.config.text.head_dim,
+                             ids.shape[1])
   key_mask = jnp.asarray(np.concatenate([prompt_mask, np.zeros((ids.shape[0], steps), prompt_mask.dtype)], 1))
   next_pos = jnp.asarray(prompt_mask.sum(1)) + out.rope_deltas
-  layer_states = model.model.layer_states(jnp.float32)
+  decode_weights = model.model.decode_weights(jnp.float32)
   for i in range(steps):
     key_mask = key_mask.at[:, t + i].set(1)
     pos = jnp.broadcast_to((next_pos + i)[None, :, None], (3, ids.shape[0], 1))
     step = model(jnp.asarray(ids[:, t + i:t + i + 1]), attention_mask=key_mask, position_ids=pos, cache=cache,
-                 cache_index=t + i, layer_states=layer_states, head=model.head_weight())
+                 cache_index=t + i, decode_weights=decode_weights, head=model.head_weight())
     cache = step.cache
     np.testing.assert_allclose(np.asarray(step.logits)[:, -1], ref[:, t + i], atol=TOL, rtol=0)

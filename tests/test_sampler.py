@@ -11,7 +11,7 @@ import torch
 from dprl.models import qwen2_5_vl
 from dprl.parallel.mesh import make_mesh
 from dprl.sampling import generate, prompt_width
-from dprl.sampling.processors import sample_tokens
+from dprl.sampling.processors import draw_uniforms, sample_tokens
 from hf_reference import IMAGE_TOKEN, make_hf_model, multimodal_batch
 
 GRIDS = [[(1, 12, 10), (1, 4, 6)], [(1, 8, 8)], []]
@@ -155,8 +155,8 @@ def test_same_seed_same_output_and_seed_matters(model, batch):
 
 
 def _empirical(logits, n, **kw):
-  keys = jax.random.split(jax.random.key(0), n)
-  tokens, _ = jax.vmap(lambda k: sample_tokens(k, logits[None], **kw))(keys)
+  uniforms = draw_uniforms(jax.random.key(0), (n, 1))
+  tokens, _ = jax.vmap(lambda u: sample_tokens(u, logits[None], **kw))(uniforms)
   return np.bincount(np.asarray(tokens)[:, 0], minlength=logits.shape[0]) / n
 
 

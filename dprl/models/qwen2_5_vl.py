@@ -141,7 +141,7 @@ class Qwen2_5_VL(nnx.Module):
                max_frame_patches: int | None = None,
                stop_at_layer: int | None = None,
                query_chunk: int | None = None, return_kv: bool = False,
-               layer_states: tuple[Any, ...] | None = None, head: jax.Array | None = None) -> ModelOutput:
+               decode_weights: tuple[Any, ...] | None = None, head: jax.Array | None = None) -> ModelOutput:
     """Forward pass of a left-padded batch.
 
     Args:
@@ -155,8 +155,8 @@ class Qwen2_5_VL(nnx.Module):
       cache: KVCache of S slots; the new keys/values go to slots [cache_index, cache_index+T)
         and the updated cache is returned (decoding: layers unrolled, `TextDecoder.run_layers`).
       return_kv: without a cache, return the T tokens' keys/values as `cache` (a prefill's).
-      layer_states, head: `self.model.layer_states(dtype)` and `self.head_weight()`, sliced
-        and cast once outside a decode loop.
+      decode_weights, head: `self.model.decode_weights(dtype)` and `self.head_weight()`,
+        made and cast once outside a decode loop.
       logits_to_keep: if > 0, only the last that many positions get logits.
       attention_layers: decoder layers whose attention probabilities to return.
       max_frame_patches: static bound on every image's h*w patches (`frame_patch_bound`),
@@ -177,7 +177,7 @@ class Qwen2_5_VL(nnx.Module):
       token_mask = key_mask
       query_slot = jnp.arange(t)
     else:
-      s = cache.k[0].shape[1]
+      s = cache.k[0].shape[3]
       key_mask = jnp.ones((b, s), bool) if attention_mask is None else attention_mask.astype(bool)
       if key_mask.shape[1] != s:
         raise ValueError(f"with a cache, attention_mask must cover all {s} cache slots, got {key_mask.shape}")
@@ -195,7 +195,7 @@ class Qwen2_5_VL(nnx.Module):
     key_slot = jnp.arange(key_mask.shape[1])
     mask = (key_slot[None, None, :] <= query_slot[None, :, None]) & key_mask[:, None, :]
     x, new_cache, attentions = self.model.run_layers(x, cos, sin, mask, cache, cache_index, attention_layers,
-                                                     stop_at_layer, query_chunk, return_kv, layer_states)
+                                                     stop_at_layer, query_chunk, return_kv, decode_weights)
     if stop_at_layer is not None:
       return ModelOutput(None, rope_deltas, None, attentions or None, layer_input=x)
     x = self.model.norm(x)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dprl.models import layers
+from dprl.models import decoding, layers
 from dprl.models.sharding import constrain
 from dprl.models.config import HF_INITIALIZER_RANGE, TextConfig
 
@@ -27,23 +27,30 @@ REMAT_POLICIES = {
 
 
 class KVCache(NamedTuple):
-  """Keys and values, one array per layer: k[l], v[l]: [B, S, K, Dh].
+  """Keys and values, one array per layer: k[l], v[l]: [B, K, Dh, S] (slots last).
 
-  Per layer, not stacked [L, B, S, K, Dh]: a decode step writes each layer's new slot in
+  Per layer, not stacked [L, B, K, S, Dh]: a decode step writes each layer's new slot in
   place and attends over that layer's array as it is. With a stacked cache inside the
   layer scan, each step sliced its layer out (a copy of that layer's whole cache) and
   wrote the updated slice back, three passes over the cache per step instead of one.
+  Not [B, S, K, Dh] as the projections emit them: with heads second the attention
+  products batch over (B, K), as dot kernels want (slot-major, XLA transposed every
+  layer's whole cache, keys and values, in every decode step: ~60 us of a 225 us
+  tiny-model step on CPU); with slots last, a step's scores are q [G, Dh] @ k [Dh, S]
+  and its output p [G, S] @ v [Dh, S]^T, which XLA:CPU ran in 21 us a layer against 31
+  with [B, K, S, Dh] (tiny model, 128 slots; GPUs take either as one GEMM).
   """
 
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
 
   def extend(self, length: int, repeats: int = 1, dtype: Any = None) -> "KVCache":
-    """A prompt's keys/values ([B, T, K, Dh] a layer) as the first T slots of a cache of
-    `length` slots, each row repeated `repeats` times (row-major: b * repeats + j)."""
+    """A prompt's keys/values ([B, K, Dh, T] a layer, as `run_layers(return_kv=True)`
+    returns them) as the first T slots of a cache of `length` slots, each row repeated
+    `repeats` times (row-major: b * repeats + j)."""
     def grow(c):
       c = jnp.repeat(c if dtype is None else c.astype(dtype), repeats, axis=0)
-      return jnp.pad(c, ((0, 0), (0, length - c.shape[1]), (0, 0), (0, 0)))
+      return jnp.pad(c, ((0, 0), (0, 0), (0, 0), (0, length - c.shape[3])))
     return self.map(grow)
 
   def map(self, fn) -> "KVCache":
@@ -62,25 +69,18 @@ class Attention(nnx.Module):
     self.o_proj = layers.Linear(cfg.num_attention_heads * dh, d, use_bias=False, **kw)
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, dh
 
-  def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None, return_probs=False,
-               query_chunk=None):
-    """x: [B, T, D]; cos, sin: [B, T, Dh]; mask: [B, T, S].
+  def __call__(self, x, cos, sin, mask, return_probs=False, query_chunk=None):
+    """x: [B, T, D]; cos, sin: [B, T, Dh]; mask: [B, T, T].
 
-    Returns (output [B, T, D], the keys/values attended over, probabilities or None).
-    Without a cache those keys/values are the T new ones ([B, T, K, Dh]); with this
-    layer's cache (k, v: [B, S, K, Dh]) the new ones are written into slots
-    [cache_index, cache_index + T) and attention runs over all S slots: the returned
-    keys/values are the updated cache. `query_chunk`: see `layers.attention`.
+    Returns (output [B, T, D], the T tokens' keys and values as `KVCache` holds them
+    ([B, K, Dh, T]), probabilities [B, H, T, T] or None). `query_chunk`: see
+    `layers.attention`. Decoding with a cache runs `decoding.decode_layer` instead.
     """
     b, t, _ = x.shape
     q, k = self.query_key(x, cos, sin)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    if cache_kv is not None:
-      k, v = (jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), cache_index, axis=1)
-              for c, new in zip(cache_kv, (k, v)))
-    out, probs = layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, return_probs=return_probs,
-                                  query_chunk=query_chunk)
-    return self.o_proj(out.reshape(b, t, -1)), (k, v), probs
+    out, probs = layers.attention(q, k, v, mask, return_probs=return_probs, query_chunk=query_chunk)
+    return self.o_proj(out.reshape(b, t, -1)), (cache_layout(k), cache_layout(v)), probs
 
   def query_key(self, x, cos, sin):
     """Rotated queries and keys: x: [B, T, D] (normed); cos, sin: [B, T, Dh].
@@ -94,6 +94,11 @@ class Attention(nnx.Module):
     return layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
 
 
+def cache_layout(x: jax.Array) -> jax.Array:
+  """Keys or values as projected, [B, T, K, Dh], in `KVCache`'s layout [B, K, Dh, T]."""
+  return jnp.transpose(x, (0, 2, 3, 1))
+
+
 class DecoderLayer(nnx.Module):
 
   def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype: Any, dtype: Any):
@@ -104,10 +109,8 @@ class DecoderLayer(nnx.Module):
     self.mlp = layers.GatedMLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act,
                                use_bias=False, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
 
-  def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None, return_probs=False,
-               query_chunk=None):
-    h, kv, probs = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv,
-                                  cache_index, return_probs, query_chunk)
+  def __call__(self, x, cos, sin, mask, return_probs=False, query_chunk=None):
+    h, kv, probs = self.self_attn(self.input_layernorm(x), cos, sin, mask, return_probs, query_chunk)
     # The residual stream keeps its rows split over the batch axes (`constrain`), in the
     # backward pass too, instead of following the weights onto the hidden size.
     x = constrain(x + h, "residual")
@@ -139,26 +142,21 @@ class TextDecoder(nnx.Module):
     layer_def, layer_state = nnx.split(self.layers)
     return nnx.merge(layer_def, jax.tree.map(lambda a: a[index], layer_state))
 
-  def layer_states(self, dtype: Any = None) -> tuple[Any, ...]:
-    """Each layer's parameters sliced out of the stack, for `run_layers(layer_states=...)`:
-    a decode loop slices them once, before the loop, instead of in every step.
+  def decode_weights(self, dtype: Any = None) -> tuple[decoding.DecodeWeights, ...]:
+    """Each layer's weights fused for decoding (`decoding.decode_weights`), for
+    `run_layers(decode_weights=...)`: a decode loop makes them once, before the loop,
+    instead of XLA slicing each layer out of the stack in every step.
 
-    With `dtype` (the compute dtype), floating parameters are cast once too: the layers
-    cast their weights to it on every use, which for float32 parameters computed in
-    bfloat16 would read 4 and write 2 bytes a weight in every decode step.
+    With `dtype` (the compute dtype) they are cast once too: the layers cast their
+    weights to it on every use, which for float32 parameters computed in bfloat16 would
+    read 4 and write 2 bytes a weight in every decode step.
     """
-    layer_state = nnx.split(self.layers)[1]
-
-    def take(a, i):
-      a = a[i]
-      return a.astype(dtype) if dtype is not None and jnp.issubdtype(a.dtype, jnp.floating) else a
-
-    return tuple(jax.tree.map(lambda a, i=i: take(a, i), layer_state) for i in range(self.cfg.num_hidden_layers))
+    return tuple(decoding.decode_weights(self.layer(i), self.cfg, dtype) for i in range(self.cfg.num_hidden_layers))
 
   def run_layers(self, x, cos, sin, mask, cache: KVCache | None = None, cache_index=None,
                  attention_layers: tuple[int, ...] = (), stop_at_layer: int | None = None,
                  query_chunk: int | None = None, return_kv: bool = False,
-                 layer_states: tuple[Any, ...] | None = None):
+                 decode_weights: tuple[decoding.DecodeWeights, ...] | None = None):
     """Runs the decoder layers. x: [B, T, D] -> [B, T, D] (before the final norm).
 
     Returns (x, cache, probabilities by layer). Layers in `attention_layers` also return
@@ -171,11 +169,12 @@ class TextDecoder(nnx.Module):
     Caches (inference only):
       - `return_kv`: without a cache, the returned cache holds the T tokens' keys/values
         (a prefill's; `KVCache.extend` makes a decode cache of them).
-      - `cache` (S slots a layer; mask [B, T, S]): the T new tokens are written at
+      - `cache` ([B, K, Dh, S] a layer; mask [B, T, S]): the T new tokens are written at
         `cache_index` and attend over all S slots; the updated cache is returned. The
         layers are unrolled (a Python loop, not a scan), so every layer's cache is its
-        own loop-carried array, updated in place. `layer_states` (`self.layer_states()`)
-        are the layers' parameters, sliced once by the caller outside its decode loop.
+        own loop-carried array, updated in place, and run `decoding.decode_layer` on
+        `decode_weights` (`self.decode_weights(dtype)`, made once by the caller outside
+        its decode loop; made here, in every step, when not given).
 
     With a mesh in context (`jax.sharding.use_abstract_mesh`) the residual stream is
     constrained by `sharding.ACTIVATION_RULES["residual"]` (rows over data and fsdp);
@@ -196,12 +195,12 @@ class TextDecoder(nnx.Module):
       raise ValueError(f"attention_layers {attention_layers} out of range for {n} layers")
 
     if cache is not None:
-      if layer_states is None:
-        layer_states = self.layer_states()
+      if decode_weights is None:
+        decode_weights = self.decode_weights()
       keys, values, probs_out = [], [], {}
-      for i, state in enumerate(layer_states):
-        x, (k, v), probs = nnx.merge(layer_def, state)(x, cos, sin, mask, (cache.k[i], cache.v[i]), cache_index,
-                                                       i in cuts, query_chunk)
+      for i, weights in enumerate(decode_weights):
+        x, (k, v), probs = decoding.decode_layer(weights, x, cos, sin, mask, (cache.k[i], cache.v[i]), cache_index,
+                                                 self.cfg, self.dtype, return_probs=i in cuts)
         keys.append(k)
         values.append(v)
         if i in cuts:
@@ -209,7 +208,7 @@ class TextDecoder(nnx.Module):
       return x, KVCache(tuple(keys), tuple(values)), probs_out
 
     def step(h, state, return_probs=False):
-      h, kv, probs = nnx.merge(layer_def, state)(h, cos, sin, mask, None, None, return_probs, query_chunk)
+      h, kv, probs = nnx.merge(layer_def, state)(h, cos, sin, mask, return_probs, query_chunk)
       return h, (kv if return_kv else None), probs
 
     def scan_step(h, state):
@@ -220,7 +219,7 @@ class TextDecoder(nnx.Module):
     if policy is not None:
       scan_step = jax.checkpoint(scan_step, policy=policy, prevent_cse=False)
 
-    kv_parts = []  # keys/values of consecutive runs of layers, stacked [layers, B, T, K, Dh]
+    kv_parts = []  # keys/values of consecutive runs of layers, stacked [layers, B, K, Dh, T]
     probs_out = {}
     start = 0
     for stop in cuts + [n]:

@@ -29,39 +29,52 @@ def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
   return jnp.where(logits >= threshold, logits, NEG_INF)
 
 
-def sample_tokens(key: jax.Array, logits: jax.Array, *, temperature: float, top_k: int,
+def sample_tokens(uniform: jax.Array, logits: jax.Array, *, temperature: float, top_k: int,
                   top_p: float) -> tuple[jax.Array, jax.Array]:
-  """Draws one token per row. logits: [B, V] float32.
+  """Draws one token per row. uniform: [B] draws in (0, 1) (the sampler draws every
+  step's at once, before its decode loop); logits: [B, V] float32.
 
   Returns tokens [B] int32 and their log-probabilities [B] under softmax(logits /
   temperature), the distribution before truncation (what GRPO's ratio uses; temperature
   0 means greedy, scored under temperature 1).
   """
+  scaled = logits if temperature == 0.0 else logits / temperature
+  # One max and one exp serve the draw and the log-probability's normaliser; with a
+  # filter the draw needs its own.
+  top = jnp.max(scaled, axis=-1, keepdims=True)
+  weights = jnp.exp(scaled - top)  # [B, V], unnormalised probabilities
+  log_norm = top[:, 0] + jnp.log(jnp.sum(weights, axis=-1))
   if temperature == 0.0:
     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits
   else:
-    scaled = logits / temperature
-    filtered = scaled
-    if top_k > 0:
-      filtered = top_k_filter(filtered, top_k)
-    if top_p < 1.0:
-      filtered = top_p_filter(filtered, top_p)
-    tokens = inverse_cdf_sample(key, filtered)
+    if top_k > 0 or top_p < 1.0:
+      filtered = scaled
+      if top_k > 0:
+        filtered = top_k_filter(filtered, top_k)
+      if top_p < 1.0:
+        filtered = top_p_filter(filtered, top_p)
+      weights = jnp.exp(filtered - top)  # the maximum always survives the filters
+    tokens = inverse_cdf_sample(uniform, weights)
   chosen = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
-  return tokens, chosen - jax.nn.logsumexp(scaled, axis=-1)
+  return tokens, chosen - log_norm
 
 
-def inverse_cdf_sample(key: jax.Array, logits: jax.Array) -> jax.Array:
-  """One draw per row from softmax(logits) ([B, V]) by inverting the cumulative sum.
+def inverse_cdf_sample(uniform: jax.Array, weights: jax.Array) -> jax.Array:
+  """One draw per row from weights / weights.sum() ([B, V], non-negative, unnormalised)
+  by inverting the cumulative sum at `uniform` ([B] in (0, 1)).
 
   `jax.random.categorical` draws V Gumbel variates per row; on CPU that costs half as much
   as the LM head's matmul at V = 32K. Inversion needs one uniform per row and a cumsum.
-  Zero-probability tokens are never drawn: u is bounded away from 0 and the first index
-  whose cumulative mass reaches u is taken.
+  Zero-weight tokens are never drawn: u is bounded away from 0 and the first index whose
+  cumulative weight reaches u is taken.
   """
-  probs = jax.nn.softmax(logits, axis=-1)
-  cdf = jnp.cumsum(probs, axis=-1)
-  u = jax.random.uniform(key, (logits.shape[0], 1), minval=1e-7, maxval=1.0) * cdf[:, -1:]
-  tokens = jnp.sum(cdf < u, axis=-1)
-  return jnp.minimum(tokens, logits.shape[-1] - 1).astype(jnp.int32)
+  cdf = jnp.cumsum(weights, axis=-1)
+  target = uniform[:, None] * cdf[:, -1:]
+  tokens = jnp.sum(cdf < target, axis=-1)
+  return jnp.minimum(tokens, weights.shape[-1] - 1).astype(jnp.int32)
+
+
+def draw_uniforms(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Uniforms in [1e-7, 1) for `sample_tokens`: bounded away from 0 so that a
+  zero-probability token is never drawn."""
+  return jax.random.uniform(key, shape, minval=1e-7, maxval=1.0)

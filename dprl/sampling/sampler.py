@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dprl.models.qwen2_5_vl import Qwen2_5_VL, check_image_inputs, frame_patch_bound
 from dprl.parallel import batches as batches_lib
-from dprl.sampling.processors import sample_tokens
+from dprl.sampling.processors import draw_uniforms, sample_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,24 +95,27 @@ def _sample(state, input_ids, attention_mask, pixel_values, image_grid_thw, key,
   # Each prompt's keys/values fill the first T slots of its G samples' caches (prompt-major
   # rows): the prompt is prefilled once, not G times.
   rep = lambda x: jnp.repeat(x, g, axis=0)
-  cache = out.cache.extend(s, g, mcfg.dtype).map(lambda c: constrain(c, P("data", None, "tensor", None)))
+  cache = out.cache.extend(s, g, mcfg.dtype).map(lambda c: constrain(c, P("data", "tensor", None, None)))
   key_mask = jnp.concatenate([rep(prompt_mask), jnp.zeros((b, n), jnp.int32)], axis=1)
   key_mask = constrain(key_mask, P("data", None))
   logits = rep(out.logits[:, -1])
   next_pos = rep(prompt_mask.sum(1) + out.rope_deltas)
   eos = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
-  # Sliced out of the stacked weights once, outside the loop (SamplingConfig.unstack_layers).
-  layer_states = model.model.layer_states(mcfg.dtype) if cfg.unstack_layers else None
+  # Sliced out of the stacked weights and fused once, outside the loop (SamplingConfig.unstack_layers).
+  decode_weights = model.model.decode_weights(mcfg.dtype) if cfg.unstack_layers else None
   head = model.head_weight()
+
+  # Every step's uniforms drawn at once ([N, B*G]): a key split and a threefry inside
+  # the loop were ~10 of a tiny model's ~110 ops a decode step.
+  uniforms = constrain(draw_uniforms(key, (n, b)), P(None, "data"))
 
   def cond(carry):
     i, done = carry[0], carry[5]
     return (i < n) & ~jnp.all(done)
 
   def body(carry):
-    i, cache, key_mask, logits, next_pos, done, tokens, logprobs, key = carry
-    key, step_key = jax.random.split(key)
-    tok, lp = sample_tokens(step_key, logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    i, cache, key_mask, logits, next_pos, done, tokens, logprobs = carry
+    tok, lp = sample_tokens(uniforms[i], logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
     tok = jnp.where(done, cfg.pad_token_id, tok)
     tokens = tokens.at[:, i].set(tok)
     logprobs = logprobs.at[:, i].set(jnp.where(done, 0.0, lp))
@@ -120,12 +123,11 @@ def _sample(state, input_ids, attention_mask, pixel_values, image_grid_thw, key,
     key_mask = key_mask.at[:, t + i].set(1)
     pos = jnp.broadcast_to(next_pos[None, :, None], (3, b, 1))
     step = model(tok[:, None], attention_mask=key_mask, position_ids=pos, cache=cache, cache_index=t + i,
-                 layer_states=layer_states, head=head)
-    return (i + 1, step.cache, key_mask, step.logits[:, -1], next_pos + 1, done, tokens,
-            logprobs, key)
+                 decode_weights=decode_weights, head=head)
+    return (i + 1, step.cache, key_mask, step.logits[:, -1], next_pos + 1, done, tokens, logprobs)
 
   carry = (jnp.int32(0), cache, key_mask, logits, next_pos, jnp.zeros((b,), bool),
-           jnp.full((b, n), cfg.pad_token_id, jnp.int32), jnp.zeros((b, n), jnp.float32), key)
+           jnp.full((b, n), cfg.pad_token_id, jnp.int32), jnp.zeros((b, n), jnp.float32))
   carry = jax.lax.while_loop(cond, body, carry)
   tokens, logprobs = carry[6], carry[7]
   is_eos = jnp.isin(tokens, eos)
