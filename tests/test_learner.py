@@ -316,9 +316,9 @@ def test_teacher_forced_logprobs_match_the_samplers(model):
   grid = np.concatenate([g for _, g in prompts.images])
   out = generate(model, prompts.prompt_ids, attention_mask=prompts.prompt_mask,
                  pixel_values=pixel_values, image_grid_thw=grid, max_new_tokens=6,
-                 temperature=0.8, seed=0, num_samples=2, eos_token_id=[7])
+                 temperature=0.8, seed=9, num_samples=2, eos_token_id=[7])
   tokens = np.asarray(out.tokens)
-  assert (tokens == cfg.image_token_id).any()
+  assert (tokens == cfg.image_token_id).any()  # seed 9 draws it (the first seed that does)
   _, mask = learner_lib.end_at_vision_tokens(tokens, np.asarray(out.lengths),
                                              [cfg.image_token_id, cfg.video_token_id])
   assert mask.sum() < np.asarray(out.mask).sum()
