@@ -100,8 +100,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   """Grouped-query scaled dot-product attention.
 
   Args:
-    q: [B, T, H, Dh]; k, v: [B, S, K, Dh] with H a multiple of K (a KV cache's layout:
-      `cached_attention`).
+    q: [B, T, H, Dh]; k, v: [B, S, K, Dh] with H a multiple of K (over a KV cache, laid
+      out [B, K, Dh, S]: `cached_attention`).
     mask: [B, T, S] (or broadcastable), True where query t may attend to key s.
     return_probs: also return the probabilities (then computed whole, unchunked).
     query_chunk: attend this many queries at a time (`lax.map`), so the float32 scores
