@@ -26,6 +26,11 @@ from dprl.models.config import TextConfig
 from dprl.models.sharding import constrain
 
 
+def cache_layout(x: jax.Array) -> jax.Array:
+  """Keys or values as projected, [B, T, K, Dh], in `text.KVCache`'s layout [B, K, Dh, T]."""
+  return jnp.transpose(x, (0, 2, 3, 1))
+
+
 class DecodeWeights(NamedTuple):
   """One decoder layer's parameters for `decode_layer`."""
 
@@ -73,9 +78,7 @@ def decode_layer(w: DecodeWeights, x: jax.Array, cos: jax.Array, sin: jax.Array,
   q = layers.apply_rotary(qkv[:, :, :, :g].reshape(b, t, kv * g, dh), cos, sin)
   k = layers.apply_rotary(qkv[:, :, :, g], cos, sin)
   v = qkv[:, :, :, g + 1]
-  # [B, T, K, Dh] -> [B, K, Dh, T], the cache's layout (`text.KVCache`).
-  k, v = (jax.lax.dynamic_update_slice_in_dim(c, jnp.transpose(new, (0, 2, 3, 1)).astype(c.dtype), cache_index,
-                                              axis=3)
+  k, v = (jax.lax.dynamic_update_slice_in_dim(c, cache_layout(new).astype(c.dtype), cache_index, axis=3)
           for c, new in zip(cache_kv, (k, v)))
   out, probs = layers.cached_attention(q, k.astype(dtype), v.astype(dtype), mask, return_probs=return_probs)
   x = constrain(x + jnp.dot(out.reshape(b, t, -1), w.o_kernel), "residual")

@@ -95,7 +95,7 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-              *, return_probs: bool = False, query_chunk: int | None = None,
+              *, return_probs: bool = False, query_chunk: int | None = None
               ) -> tuple[jax.Array, jax.Array | None]:
   """Grouped-query scaled dot-product attention.
 

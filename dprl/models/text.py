@@ -80,7 +80,7 @@ class Attention(nnx.Module):
     q, k = self.query_key(x, cos, sin)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     out, probs = layers.attention(q, k, v, mask, return_probs=return_probs, query_chunk=query_chunk)
-    return self.o_proj(out.reshape(b, t, -1)), (cache_layout(k), cache_layout(v)), probs
+    return self.o_proj(out.reshape(b, t, -1)), (decoding.cache_layout(k), decoding.cache_layout(v)), probs
 
   def query_key(self, x, cos, sin):
     """Rotated queries and keys: x: [B, T, D] (normed); cos, sin: [B, T, Dh].
@@ -92,11 +92,6 @@ class Attention(nnx.Module):
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     return layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
-
-
-def cache_layout(x: jax.Array) -> jax.Array:
-  """Keys or values as projected, [B, T, K, Dh], in `KVCache`'s layout [B, K, Dh, T]."""
-  return jnp.transpose(x, (0, 2, 3, 1))
 
 
 class DecoderLayer(nnx.Module):
