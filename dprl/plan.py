@@ -321,7 +321,7 @@ def plan(config, *, num_devices: int | None = None, device_memory_gib: float = 1
 
   # State that lives through the whole step, by item.
   kv_shape = (cfg.text.num_hidden_layers, shapes.rows, cfg.text.num_key_value_heads, cfg.text.head_dim,
-              shapes.sampler_prompt_len + shapes.new_tokens)  # text.KVCache's layout, layers stacked
+              shapes.sampler_prompt_len + shapes.new_tokens)  # text.KVCache's keys, layers stacked (values: as many bytes)
   kv = jax.ShapeDtypeStruct(kv_shape, cfg.dtype, sharding=NamedSharding(mesh, P(None, "data", "tensor", None, None)))
   items = {
       "parameters": device_bytes(state.params),

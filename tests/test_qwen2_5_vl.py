@@ -27,6 +27,9 @@ CASES = {
     "one_image": ([[(1, 4, 4)]], [3]),
     # 12x10 patches = 6x5 merge units: windows of 4x4 units are ragged at the right and bottom.
     "images_of_different_sizes_left_padded": ([[(1, 12, 10), (1, 4, 6)], [(1, 16, 8)]], [2, 5]),
+    # Sides multiples of the 8-patch window: every window full, no window or frame runs
+    # across a block boundary, so the tower's attention takes its own-block path.
+    "images_of_full_windows": ([[(1, 16, 16)], [(1, 8, 8), (1, 8, 8)]], [3, 6]),
 }
 
 
@@ -314,15 +317,25 @@ def test_block_local_segment_attention_equals_dense():
   dense = segment_attention(q, k, v, segment, None)
   np.testing.assert_allclose(np.asarray(segment_attention(q, k, v, segment, 16)), np.asarray(dense), atol=1e-6)
   np.testing.assert_allclose(np.asarray(segment_attention(q, k, v, segment, 64)), np.asarray(dense), atol=1e-6)
+  # Segments that never run across a 16-block boundary (the own-block path), the last
+  # block part padding.
+  lengths = [16, 8, 8, 4, 12, 16, 5, 3, 1]
+  segment = jnp.asarray(np.repeat(np.arange(len(lengths)), lengths))
+  n = sum(lengths)
+  q, k, v = (jnp.asarray(rng.standard_normal((n, 2, 8)), jnp.float32) for _ in range(3))
+  dense = segment_attention(q, k, v, segment, None)
+  for block in (16, 32):
+    np.testing.assert_allclose(np.asarray(segment_attention(q, k, v, segment, block)), np.asarray(dense), atol=1e-6)
 
 
-def test_jitted_forward_with_a_frame_bound_matches_transformers(model, hf_model):
+@pytest.mark.parametrize("case,bound", [("images_of_different_sizes_left_padded", 128),  # largest: 16 x 8
+                                        ("images_of_full_windows", 256)])
+def test_jitted_forward_with_a_frame_bound_matches_transformers(model, hf_model, case, bound):
   """Under jit the grid is traced; a static max_frame_patches makes the full-attention
   vision blocks block-local too."""
-  ids, mask, pv, thw = _inputs("images_of_different_sizes_left_padded")
+  ids, mask, pv, thw = _inputs(case)
   graphdef, state = nnx.split(model)
-  bound = qwen2_5_vl.frame_patch_bound(thw)
-  assert bound == 128  # largest image: 16 x 8 patches
+  assert qwen2_5_vl.frame_patch_bound(thw) == bound
 
   @jax.jit
   def forward(state, ids, mask, pv, thw):
@@ -349,8 +362,9 @@ def test_prefill_keys_values_then_cached_decode_steps_match_transformers(model, 
   np.testing.assert_allclose(np.asarray(out.logits)[:, -1], ref[:, -steps - 1], atol=TOL, rtol=0)
   t = prompt_ids.shape[1]
   cache = out.cache.extend(ids.shape[1])
-  assert cache.k[0].shape == (ids.shape[0], model.config.text.num_key_value_heads, model.config.text.head_dim,
-                             ids.shape[1])
+  kv_heads, head_dim = model.config.text.num_key_value_heads, model.config.text.head_dim
+  assert cache.k[0].shape == (ids.shape[0], kv_heads, head_dim, ids.shape[1])
+  assert cache.v[0].shape == (ids.shape[0], kv_heads, ids.shape[1], head_dim)
   key_mask = jnp.asarray(np.concatenate([prompt_mask, np.zeros((ids.shape[0], steps), prompt_mask.dtype)], 1))
   next_pos = jnp.asarray(prompt_mask.sum(1)) + out.rope_deltas
   decode_weights = model.model.decode_weights(jnp.float32)

@@ -26,9 +26,13 @@ from dprl.models.config import TextConfig
 from dprl.models.sharding import constrain
 
 
-def cache_layout(x: jax.Array) -> jax.Array:
-  """Keys or values as projected, [B, T, K, Dh], in `text.KVCache`'s layout [B, K, Dh, T]."""
-  return jnp.transpose(x, (0, 2, 3, 1))
+def cache_layout(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Keys and values as projected, [B, T, K, Dh], in `text.KVCache`'s layouts: keys
+  [B, K, Dh, T], values [B, K, T, Dh]."""
+  return jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3))
+
+
+SLOT_AXES = (3, 2)  # the slot axis of `cache_layout`'s keys and values
 
 
 class DecodeWeights(NamedTuple):
@@ -65,9 +69,9 @@ def decode_layer(w: DecodeWeights, x: jax.Array, cos: jax.Array, sin: jax.Array,
                  return_probs: bool = False):
   """`text.DecoderLayer` with a cache, from fused weights.
 
-  x: [B, T, D]; cos, sin: [B, T, Dh]; mask: [B, T, S]; cache_kv: this layer's keys and
-  values [B, K, Dh, S] (`text.KVCache`), the T new ones written at slots
-  [cache_index, cache_index + T).
+  x: [B, T, D]; cos, sin: [B, T, Dh]; mask: [B, T, S]; cache_kv: this layer's keys
+  [B, K, Dh, S] and values [B, K, S, Dh] (`text.KVCache`), the T new ones written at
+  slots [cache_index, cache_index + T).
   Returns (x [B, T, D], the updated (keys, values), probabilities [B, H, T, S] or None).
   """
   b, t, _ = x.shape
@@ -78,8 +82,8 @@ def decode_layer(w: DecodeWeights, x: jax.Array, cos: jax.Array, sin: jax.Array,
   q = layers.apply_rotary(qkv[:, :, :, :g].reshape(b, t, kv * g, dh), cos, sin)
   k = layers.apply_rotary(qkv[:, :, :, g], cos, sin)
   v = qkv[:, :, :, g + 1]
-  k, v = (jax.lax.dynamic_update_slice_in_dim(c, cache_layout(new).astype(c.dtype), cache_index, axis=3)
-          for c, new in zip(cache_kv, (k, v)))
+  k, v = (jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), cache_index, axis=axis)
+          for c, new, axis in zip(cache_kv, cache_layout(k, v), SLOT_AXES))
   out, probs = layers.cached_attention(q, k.astype(dtype), v.astype(dtype), mask, return_probs=return_probs)
   x = constrain(x + jnp.dot(out.reshape(b, t, -1), w.o_kernel), "residual")
   h = layers.rms_norm(x, w.post_norm, cfg.rms_norm_eps)

@@ -101,7 +101,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
 
   Args:
     q: [B, T, H, Dh]; k, v: [B, S, K, Dh] with H a multiple of K (over a KV cache, laid
-      out [B, K, Dh, S]: `cached_attention`).
+      out as `text.KVCache`: `cached_attention`).
     mask: [B, T, S] (or broadcastable), True where query t may attend to key s.
     return_probs: also return the probabilities (then computed whole, unchunked).
     query_chunk: attend this many queries at a time (`lax.map`), so the float32 scores
@@ -121,12 +121,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                      *, return_probs: bool = False) -> tuple[jax.Array, jax.Array | None]:
-  """`attention` over a KV cache's layout (`text.KVCache`): q [B, T, H, Dh]; k, v
-  [B, K, Dh, S]; mask [B, T, S]. Returns out [B, T, H, Dh] and probabilities [B, H, T, S].
+  """`attention` over a KV cache's layout (`text.KVCache`): q [B, T, H, Dh]; k [B, K, Dh, S];
+  v [B, K, S, Dh]; mask [B, T, S]. Returns out [B, T, H, Dh] and probabilities [B, H, T, S].
 
   The G = H / K query heads of a key/value head and the T queries are the rows of one
   matrix product per (b, k): scores [G*T, S] = q [G*T, Dh] @ k [Dh, S], out [G*T, Dh] =
-  p [G*T, S] @ v[Dh, S]^T. Written so, XLA:CPU runs both as batched matrix products
+  p [G*T, S] @ v [S, Dh]. Written so, XLA:CPU runs both as batched matrix products
   (YNNPACK) without moving the cache; with a singleton T axis between the heads, as in
   `attention`, it swapped the operands, transposed, and took 27 instead of 21 us a layer
   for a tiny model's decode step.
@@ -138,7 +138,7 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   scores = jnp.einsum("bkrd,bkds->bkrs", rows, k, preferred_element_type=jnp.float32) * (dh**-0.5)
   row_mask = jnp.tile(jnp.broadcast_to(mask, (b, t, s)), (1, g, 1))[:, None]  # row g * T + t: query t
   probs = jax.nn.softmax(jnp.where(row_mask, scores, MASK_VALUE), axis=-1)  # [B, K, G*T, S]
-  out = jnp.einsum("bkrs,bkds->bkrd", probs.astype(v.dtype), v)
+  out = jnp.einsum("bkrs,bksd->bkrd", probs.astype(v.dtype), v)
   out = jnp.transpose(out.reshape(b, kv_heads, g, t, dh), (0, 3, 1, 2, 4)).reshape(b, t, h, dh)
   return out, (probs.reshape(b, h, t, s) if return_probs else None)
 
@@ -188,8 +188,10 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment: jax.Arr
   q, k, v: [N, H, Dh]; segment: [N] ids, each segment a contiguous run. With `block`,
   every segment must be at most `block` long: a query then only needs the keys of its
   own block and the two beside it, so the cost is N * 3 * block instead of N^2 (the
-  vision tower packs hundreds of images whose windows hold <= 64 patches). With
-  `block=None` it is dense masked attention.
+  vision tower packs hundreds of images whose windows hold <= 64 patches). When no
+  segment crosses a block boundary (every window full, as in images whose sides are
+  multiples of the window; checked at run time) a block's keys are its own: N * block.
+  With `block=None` it is dense masked attention.
   Returns [N, H, Dh].
   """
   n, h, dh = q.shape
@@ -199,19 +201,22 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment: jax.Arr
   nb = -(-n // block)
   pad = nb * block - n
   # Padding gets its own segment id (-1) so it attends to nothing real.
-  q, k, v = (jnp.pad(x, ((0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-  seg = jnp.pad(segment, (0, pad), constant_values=-1)
-  qb = q.reshape(nb, block, h, dh)
+  qb, kb, vb = (jnp.pad(x, ((0, pad), (0, 0), (0, 0))).reshape(nb, block, h, dh) for x in (q, k, v))
+  segb = jnp.pad(segment, (0, pad), constant_values=-1).reshape(nb, block)
 
   def neighbours(x):  # [nb, block, ...] -> [nb, 3 * block, ...]: previous, own, next block
-    fill = jnp.full_like(x[:1], -2) if x.dtype == seg.dtype else jnp.zeros_like(x[:1])
+    fill = jnp.full_like(x[:1], -2) if x.dtype == segb.dtype else jnp.zeros_like(x[:1])
     prev = jnp.concatenate([fill, x[:-1]], axis=0)
     nxt = jnp.concatenate([x[1:], fill], axis=0)
     return jnp.concatenate([prev, x, nxt], axis=1)
 
-  kb = neighbours(k.reshape(nb, block, h, dh))
-  vb = neighbours(v.reshape(nb, block, h, dh))
-  segb = seg.reshape(nb, block)
-  mask = segb[:, :, None] == neighbours(segb)[:, None, :]  # [nb, block, 3 * block]
-  out, _ = attention(qb, kb, vb, mask)
+  def own_block(qb, kb, vb, segb):
+    return attention(qb, kb, vb, segb[:, :, None] == segb[:, None, :])[0]
+
+  def with_neighbours(qb, kb, vb, segb):
+    mask = segb[:, :, None] == neighbours(segb)[:, None, :]  # [nb, block, 3 * block]
+    return attention(qb, neighbours(kb), neighbours(vb), mask)[0]
+
+  aligned = jnp.all(segb[1:, 0] != segb[:-1, -1])  # no segment runs across a block boundary
+  out = jax.lax.cond(aligned, own_block, with_neighbours, qb, kb, vb, segb)
   return out.reshape(nb * block, h, dh)[:n]

@@ -27,31 +27,35 @@ REMAT_POLICIES = {
 
 
 class KVCache(NamedTuple):
-  """Keys and values, one array per layer: k[l], v[l]: [B, K, Dh, S] (slots last).
+  """Keys and values, one array per layer: k[l]: [B, K, Dh, S], v[l]: [B, K, S, Dh].
 
   Per layer, not stacked [L, B, K, S, Dh]: a decode step writes each layer's new slot in
   place and attends over that layer's array as it is. With a stacked cache inside the
   layer scan, each step sliced its layer out (a copy of that layer's whole cache) and
   wrote the updated slice back, three passes over the cache per step instead of one.
-  Not [B, S, K, Dh] as the projections emit them: with heads second the attention
-  products batch over (B, K), as dot kernels want (slot-major, XLA transposed every
-  layer's whole cache, keys and values, in every decode step: ~60 us of a 225 us
-  tiny-model step on CPU); with slots last, a step's scores are q [G, Dh] @ k [Dh, S]
-  and its output p [G, S] @ v [Dh, S]^T, which XLA:CPU ran in 21 us a layer against 31
-  with [B, K, S, Dh] (tiny model, 128 slots; GPUs take either as one GEMM).
+  Heads second, not [B, S, K, Dh] as the projections emit them: the attention products
+  then batch over (B, K), as dot kernels want (slot-major, XLA transposed every layer's
+  whole cache in every decode step: ~60 us of a 225 us tiny-model step on CPU). Keys
+  slots last and values slots third, so that both of a step's products are plain
+  matrix products: scores q [G, Dh] @ k [Dh, S], output p [G, S] @ v [S, Dh]. With
+  values [Dh, S] too, XLA:CPU took twice as long for the output product as for the
+  scores (1.23 against 0.6 ms a layer at `benchmarks/sampler.py`'s small model, 64 rows).
   """
 
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
 
   def extend(self, length: int, repeats: int = 1, dtype: Any = None) -> "KVCache":
-    """A prompt's keys/values ([B, K, Dh, T] a layer, as `run_layers(return_kv=True)`
-    returns them) as the first T slots of a cache of `length` slots, each row repeated
-    `repeats` times (row-major: b * repeats + j)."""
-    def grow(c):
+    """A prompt's keys/values (as `run_layers(return_kv=True)` returns them, T slots) as
+    the first T slots of a cache of `length` slots, each row repeated `repeats` times
+    (row-major: b * repeats + j)."""
+    def grow(c, axis):
       c = jnp.repeat(c if dtype is None else c.astype(dtype), repeats, axis=0)
-      return jnp.pad(c, ((0, 0), (0, 0), (0, 0), (0, length - c.shape[3])))
-    return self.map(grow)
+      pad = [(0, 0)] * c.ndim
+      pad[axis] = (0, length - c.shape[axis])
+      return jnp.pad(c, pad)
+    k_axis, v_axis = decoding.SLOT_AXES
+    return KVCache(tuple(grow(c, k_axis) for c in self.k), tuple(grow(c, v_axis) for c in self.v))
 
   def map(self, fn) -> "KVCache":
     """`fn` applied to every layer's keys and values."""
@@ -73,14 +77,14 @@ class Attention(nnx.Module):
     """x: [B, T, D]; cos, sin: [B, T, Dh]; mask: [B, T, T].
 
     Returns (output [B, T, D], the T tokens' keys and values as `KVCache` holds them
-    ([B, K, Dh, T]), probabilities [B, H, T, T] or None). `query_chunk`: see
+    ([B, K, Dh, T] and [B, K, T, Dh]), probabilities [B, H, T, T] or None). `query_chunk`: see
     `layers.attention`. Decoding with a cache runs `decoding.decode_layer` instead.
     """
     b, t, _ = x.shape
     q, k = self.query_key(x, cos, sin)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     out, probs = layers.attention(q, k, v, mask, return_probs=return_probs, query_chunk=query_chunk)
-    return self.o_proj(out.reshape(b, t, -1)), (decoding.cache_layout(k), decoding.cache_layout(v)), probs
+    return self.o_proj(out.reshape(b, t, -1)), decoding.cache_layout(k, v), probs
 
   def query_key(self, x, cos, sin):
     """Rotated queries and keys: x: [B, T, D] (normed); cos, sin: [B, T, Dh].

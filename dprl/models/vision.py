@@ -63,9 +63,6 @@ def vision_layout(image_grid_thw: jax.Array, num_patches: int, cfg: VisionConfig
   rows = unit_row * m + in_unit // m
   cols = unit_col * m + in_unit % m
   win_row, win_col = unit_row // win, unit_col // win
-  # Window-major order: image, frame, window row, window col, then the unit's place inside
-  # the window, then the patch inside the unit (lexsort's last key is the primary one).
-  order = jnp.lexsort((in_unit, unit_col % win, unit_row % win, win_col, win_row, frame, img))
   wins_per_row = (wb + win - 1) // win
   wins_per_frame = wins_per_row * ((hb + win - 1) // win)
   # Global ids: number frames and windows consecutively over images.
@@ -75,6 +72,11 @@ def vision_layout(image_grid_thw: jax.Array, num_patches: int, cfg: VisionConfig
   win_counts = frames * ((grid[:, 1] // m + win - 1) // win) * ((grid[:, 2] // m + win - 1) // win)
   win_base = jnp.cumsum(win_counts) - win_counts
   window_id = win_base[img] + frame * wins_per_frame + win_row * wins_per_row + win_col
+  # Window-major order: window (numbered image, frame, window row, window col), then the
+  # unit's place inside the window, then the patch inside the unit, as one sort key:
+  # one key sorts in a fifth of the time of the seven a lexsort takes (XLA:CPU).
+  place = ((unit_row % win) * win + unit_col % win) * (m * m) + in_unit  # < (win * m)^2
+  order = jnp.argsort(window_id * (win * win * m * m) + place, stable=True).astype(jnp.int32)
   return VisionLayout(order, rows, cols, window_id[order], frame_id[order])
 
 
@@ -182,6 +184,7 @@ class VisionTower(nnx.Module):
     # rows do; otherwise every device runs the tower on every image of the micro-batch.
     x, _ = jax.lax.scan(body, constrain(x, "patches"), (block_state, is_full))
     merged = self.merger(x)
-    # Undo the window permutation at merge-unit granularity.
+    # Undo the window permutation at merge-unit granularity (its inverse: a scatter, not a sort).
     unit_order = lay.window_order[:: cfg.spatial_merge_size**2] // cfg.spatial_merge_size**2
-    return merged[jnp.argsort(unit_order)]
+    inverse = jnp.zeros_like(unit_order).at[unit_order].set(jnp.arange(unit_order.shape[0], dtype=unit_order.dtype))
+    return merged[inverse]

@@ -600,7 +600,7 @@ class RolloutConfig:
     max_new_tokens, temperature, top_p, top_k, unstack_layers: sampling
       (`dprl.sampling.SamplingConfig`).
     prompt_buckets: the data pipeline's padded prompt widths, which the sampler keeps
-      (`dprl.sampling.prompt_width`); () = its powers of two.
+      (`dprl.sampling.prompt_width`); () = its default widths.
     eos_token_ids: ids that end a response.
     pad_token_id: written after a response's end.
     vision_token_ids: image/video placeholder ids; a response ends at the first one it
