@@ -122,10 +122,13 @@ def _sample(state, input_ids, attention_mask, pixel_values, image_grid_thw, key,
     i, cache, key_mask, logits, next_pos, done, tokens, logprobs = carry
     tok, lp = sample_tokens(uniforms[i], logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
     tok = jnp.where(done, cfg.pad_token_id, tok)
-    tokens = tokens.at[:, i].set(tok)
-    logprobs = logprobs.at[:, i].set(jnp.where(done, 0.0, lp))
+    # Column writes as dynamic_update_slice, not `.at[:, i].set` (a scatter, which XLA
+    # turns into the same update plus a bounds check: three more ops a step).
+    write = lambda a, col, j: jax.lax.dynamic_update_slice_in_dim(a, col[:, None].astype(a.dtype), j, axis=1)
+    tokens = write(tokens, tok, i)
+    logprobs = write(logprobs, jnp.where(done, 0.0, lp), i)
     done = done | jnp.isin(tok, eos)
-    key_mask = key_mask.at[:, t + i].set(1)
+    key_mask = write(key_mask, jnp.ones((b,), jnp.int32), t + i)
     pos = jnp.broadcast_to(next_pos[None, :, None], (3, b, 1))
     step = model(tok[:, None], attention_mask=key_mask, position_ids=pos, cache=cache, cache_index=t + i,
                  decode_weights=decode_weights, head=head)
