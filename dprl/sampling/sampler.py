@@ -5,7 +5,7 @@ prefilled once and its keys/values copied into its G samples' caches), then a
 `lax.while_loop` of single-token decode steps over a preallocated cache, one array per
 layer, which XLA updates in place; the decode steps read per-layer weight copies made once
 a call (`SamplingConfig.unstack_layers`). Prompt widths (to the data pipeline's buckets or
-powers of two) and patch counts (powers of two) are bucketed so that new shapes, and
+`prompt_width`'s powers of two and half steps) and patch counts (powers of two) are bucketed so that new shapes, and
 recompiles, are rare.
 """
 
