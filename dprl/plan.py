@@ -320,8 +320,9 @@ def plan(config, *, num_devices: int | None = None, device_memory_gib: float = 1
   compile_memory("apply", learner.jitted("apply", keys, "grpo"), state, acc)
 
   # State that lives through the whole step, by item.
+  # text.KVCache's keys, layers stacked; the values hold as many bytes.
   kv_shape = (cfg.text.num_hidden_layers, shapes.rows, cfg.text.num_key_value_heads, cfg.text.head_dim,
-              shapes.sampler_prompt_len + shapes.new_tokens)  # text.KVCache's keys, layers stacked (values: as many bytes)
+              shapes.sampler_prompt_len + shapes.new_tokens)
   kv = jax.ShapeDtypeStruct(kv_shape, cfg.dtype, sharding=NamedSharding(mesh, P(None, "data", "tensor", None, None)))
   items = {
       "parameters": device_bytes(state.params),

@@ -325,7 +325,8 @@ def test_block_local_segment_attention_equals_dense():
   q, k, v = (jnp.asarray(rng.standard_normal((n, 2, 8)), jnp.float32) for _ in range(3))
   dense = segment_attention(q, k, v, segment, None)
   for block in (16, 32):
-    np.testing.assert_allclose(np.asarray(segment_attention(q, k, v, segment, block)), np.asarray(dense), atol=1e-6)
+    got = segment_attention(q, k, v, segment, block)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(dense), atol=1e-6)
 
 
 @pytest.mark.parametrize("case,bound", [("images_of_different_sizes_left_padded", 128),  # largest: 16 x 8

@@ -106,7 +106,8 @@ def test_logprobs_equal_transformers_teacher_forced(model, hf_model, batch, num_
 
 
 def test_prompt_width_keeps_the_pipelines_buckets_else_powers_of_two_and_half_steps():
-  assert [prompt_width(n) for n in (1, 9, 17, 24, 25, 34, 49, 65, 97, 200)] == [16, 16, 24, 24, 32, 48, 64, 96, 128, 256]
+  widths = [prompt_width(n) for n in (1, 9, 17, 24, 25, 34, 49, 65, 97, 200)]
+  assert widths == [16, 16, 24, 24, 32, 48, 64, 96, 128, 256]
   assert prompt_width(34, (32, 40, 80)) == 40  # the smallest bucket that holds the prompts
   assert prompt_width(40, (32, 40, 80)) == 40
   assert prompt_width(81, (32, 40, 80)) == 96  # wider than every bucket: the default widths

@@ -186,5 +186,5 @@ class VisionTower(nnx.Module):
     merged = self.merger(x)
     # Undo the window permutation at merge-unit granularity (its inverse: a scatter, not a sort).
     unit_order = lay.window_order[:: cfg.spatial_merge_size**2] // cfg.spatial_merge_size**2
-    inverse = jnp.zeros_like(unit_order).at[unit_order].set(jnp.arange(unit_order.shape[0], dtype=unit_order.dtype))
-    return merged[inverse]
+    units = jnp.arange(unit_order.shape[0], dtype=unit_order.dtype)
+    return merged[jnp.zeros_like(unit_order).at[unit_order].set(units)]

@@ -5,8 +5,8 @@ prefilled once and its keys/values copied into its G samples' caches), then a
 `lax.while_loop` of single-token decode steps over a preallocated cache, one array per
 layer, which XLA updates in place; the decode steps read per-layer weight copies made once
 a call (`SamplingConfig.unstack_layers`). Prompt widths (to the data pipeline's buckets or
-`prompt_width`'s powers of two and half steps) and patch counts (powers of two) are bucketed so that new shapes, and
-recompiles, are rare.
+`prompt_width`'s powers of two and half steps) and patch counts (powers of two) are
+bucketed so that new shapes, and recompiles, are rare.
 """
 
 from __future__ import annotations
@@ -238,7 +238,8 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
     bucket_prompts: pad the prompts' width (`prompt_width`) and the images' patch count
       (`bucket_images`) to few distinct shapes, so that jit compiles rarely.
     prompt_buckets: the widths prompts may be padded to, e.g. the data pipeline's length
-      buckets (a pipeline batch of width 40 is not padded to 48 then); None: `prompt_width`'s defaults.
+      buckets (a pipeline batch of width 40 is not padded to 48 then); None:
+      `prompt_width`'s defaults.
     unstack_layers: decode from per-layer weight copies made once a call (faster; one more
       copy of the decoder's weights on the device while sampling): `SamplingConfig`.
     seed: an int or a PRNG key.
