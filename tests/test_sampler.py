@@ -11,7 +11,7 @@ import torch
 from dprl.models import qwen2_5_vl
 from dprl.parallel.mesh import make_mesh
 from dprl.sampling import generate, prompt_width
-from dprl.sampling.processors import draw_uniforms, inverse_cdf_sample, sample_tokens
+from dprl.sampling.processors import draw_uniforms, inverse_cdf_sample, sample_tokens, top_k_filter, top_p_filter
 from hf_reference import IMAGE_TOKEN, make_hf_model, multimodal_batch
 
 GRIDS = [[(1, 12, 10), (1, 4, 6)], [(1, 8, 8)], []]
@@ -177,6 +177,34 @@ def test_top_k_and_top_p_sample_the_truncated_distribution():
   freq = _empirical(logits, n, temperature=0.5, top_k=0, top_p=1.0)
   sq = np.exp(np.asarray(logits) * 2)
   np.testing.assert_allclose(freq, sq / sq.sum(), atol=0.01)
+
+
+@pytest.mark.parametrize("vocab", [5, 300, 4099])
+def test_top_k_and_top_p_filters_keep_what_a_sort_keeps(vocab):
+  # Reference: NumPy's sort, float64. Logits rounded to 0.5 so that many tie; some -inf
+  # (a top-k before a top-p leaves them), some negative zeros.
+  rng = np.random.default_rng(vocab)
+  logits = np.round(rng.standard_normal((40, vocab)) * 4) / 2
+  logits[rng.random(logits.shape) < 0.05] = -np.inf
+  logits[:, 0] = np.where(logits[:, 0] == 0, -0.0, logits[:, 0])
+  logits[:, 1] = np.maximum(logits[:, 1], 0)  # every row keeps a finite logit
+  logits = logits.astype(np.float32)
+  desc = -np.sort(-logits.astype(np.float64), axis=1)
+  for k in (1, 3, vocab):
+    kept = np.asarray(top_k_filter(jnp.asarray(logits), k)) > -np.inf  # -inf logits stay -inf
+    np.testing.assert_array_equal(kept, (logits >= desc[:, k - 1:k]) & (logits > -np.inf))
+  probs = np.exp(desc - desc[:, :1])
+  probs /= probs.sum(1, keepdims=True)
+  mass_before = np.cumsum(probs, 1) - probs
+  for p in (0.3, 0.75, 0.95):
+    # float32 sums may fall either side of p where a row's cumulative mass is within
+    # 2e-6 of it; the other rows must keep exactly what the sort keeps.
+    clear = np.min(np.abs(mass_before - p), axis=1) > 2e-6
+    assert clear.mean() > 0.75
+    threshold = np.min(np.where(mass_before < p, desc, np.inf), axis=1, keepdims=True)
+    kept = np.asarray(top_p_filter(jnp.asarray(logits), p)) > -np.inf
+    np.testing.assert_array_equal(kept[clear], (logits >= threshold)[clear])
+    assert np.all(kept.sum(1) >= 1)
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 300, 1031])  # blocks of 1, 4, 32, 64 tokens; ragged last block
