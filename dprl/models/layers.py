@@ -174,8 +174,7 @@ def _grouped_probs(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
   b, t, h, dh = q.shape
   kv_heads = k.shape[2]
   q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
-                      preferred_element_type=jnp.float32)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
   scores = scores * (dh**-0.5)
   scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
   return jax.nn.softmax(scores, axis=-1)

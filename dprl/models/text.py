@@ -77,8 +77,9 @@ class Attention(nnx.Module):
     """x: [B, T, D]; cos, sin: [B, T, Dh]; mask: [B, T, T].
 
     Returns (output [B, T, D], the T tokens' keys and values as `KVCache` holds them
-    ([B, K, Dh, T] and [B, K, T, Dh]), probabilities [B, H, T, T] or None). `query_chunk`: see
-    `layers.attention`. Decoding with a cache runs `decoding.decode_layer` instead.
+    ([B, K, Dh, T] and [B, K, T, Dh]), probabilities [B, H, T, T] or None).
+    `query_chunk`: see `layers.attention`. Decoding with a cache runs
+    `decoding.decode_layer` instead.
     """
     b, t, _ = x.shape
     q, k = self.query_key(x, cos, sin)
@@ -168,10 +169,10 @@ class TextDecoder(nnx.Module):
     Caches (inference only):
       - `return_kv`: without a cache, the returned cache holds the T tokens' keys/values
         (a prefill's; `KVCache.extend` makes a decode cache of them).
-      - `cache` ([B, K, Dh, S] a layer; mask [B, T, S]): the T new tokens are written at
+      - `cache` (`KVCache`, S slots a layer; mask [B, T, S]): the T new tokens are written at
         `cache_index` and attend over all S slots; the updated cache is returned. The
         layers are unrolled (a Python loop, not a scan), so every layer's cache is its
-        own loop-carried array, updated in place, and run `decoding.decode_layer` on
+        own loop-carried array, updated in place; they run `decoding.decode_layer` on
         `decode_weights` (`self.decode_weights(dtype)`, made once by the caller outside
         its decode loop; made here, in every step, when not given).
 

@@ -78,7 +78,8 @@ def prompt_width(n: int, prompt_buckets: Sequence[int] | None = None) -> int:
   if fits:
     return min(fits)
   power = bucket(n)
-  return max(16, 3 * power // 4) if 3 * power // 4 >= n else power
+  half_step = 3 * power // 4
+  return half_step if n <= half_step and half_step >= 16 else power
 
 
 def _sample(state, input_ids, attention_mask, pixel_values, image_grid_thw, key, *,
