@@ -11,7 +11,8 @@ import torch
 from dprl.models import qwen2_5_vl
 from dprl.parallel.mesh import make_mesh
 from dprl.sampling import generate, prompt_width
-from dprl.sampling.processors import draw_uniforms, inverse_cdf_sample, sample_tokens, top_k_filter, top_p_filter
+from dprl.sampling.processors import (draw_uniforms, first_argmax, inverse_cdf_sample, sample_tokens, top_k_filter,
+                                      top_p_filter)
 from hf_reference import IMAGE_TOKEN, make_hf_model, multimodal_batch
 
 GRIDS = [[(1, 12, 10), (1, 4, 6)], [(1, 8, 8)], []]
@@ -146,6 +147,42 @@ def test_rows_stop_independently_at_eos(model, batch):
     np.testing.assert_array_equal(tokens[r, :end], greedy[r, :end])
 
 
+def test_one_token_and_every_row_ending_before_the_last_column(model, batch):
+  # The last column is drawn after the decode loop: with one new token the loop runs no
+  # step, and when every row has ended the draw after it must only write padding.
+  ids, mask, pv, thw = batch
+  greedy = generate(model, ids, mask, pv, thw, max_new_tokens=8, temperature=0.0)
+  tokens = np.asarray(greedy.tokens)
+  one = generate(model, ids, mask, pv, thw, max_new_tokens=1, temperature=0.0)
+  np.testing.assert_array_equal(np.asarray(one.tokens), tokens[:, :1])
+  np.testing.assert_allclose(np.asarray(one.logprobs), np.asarray(greedy.logprobs)[:, :1], atol=1e-5)
+  assert np.asarray(one.lengths).tolist() == [1, 1, 1]
+  eos = sorted(set(tokens[:, 1].tolist()))  # every row ends by its second token
+  out = generate(model, ids, mask, pv, thw, max_new_tokens=8, temperature=0.0, eos_token_id=eos, pad_token_id=7)
+  ends = [int(np.flatnonzero(np.isin(row, eos))[0]) + 1 for row in tokens]
+  assert np.asarray(out.lengths).tolist() == ends
+  for r, end in enumerate(ends):
+    np.testing.assert_array_equal(np.asarray(out.tokens)[r, :end], tokens[r, :end])
+    assert np.all(np.asarray(out.tokens)[r, end:] == 7) and np.all(np.asarray(out.logprobs)[r, end:] == 0)
+
+
+def test_generate_reads_the_models_current_parameters(model, batch):
+  # generate hands the module itself to jit, so a parameter changed in place (as a
+  # training step's update does) is what the next call samples with.
+  ids, mask, pv, thw = batch
+  before = np.asarray(generate(model, ids, mask, pv, thw, max_new_tokens=6, temperature=0.0).tokens)
+  head = model.model.embed_tokens.embedding if model.lm_head is None else model.lm_head
+  saved = head[...]
+  try:
+    head[...] = -saved  # negated logits: another greedy token
+    after = np.asarray(generate(model, ids, mask, pv, thw, max_new_tokens=6, temperature=0.0).tokens)
+  finally:
+    head[...] = saved
+  assert not np.array_equal(after, before)
+  again = np.asarray(generate(model, ids, mask, pv, thw, max_new_tokens=6, temperature=0.0).tokens)
+  np.testing.assert_array_equal(again, before)
+
+
 def test_same_seed_same_output_and_seed_matters(model, batch):
   ids, mask, pv, thw = batch
   a = generate(model, ids, mask, pv, thw, max_new_tokens=8, seed=3)
@@ -205,6 +242,16 @@ def test_top_k_and_top_p_filters_keep_what_a_sort_keeps(vocab):
     kept = np.asarray(top_p_filter(jnp.asarray(logits), p)) > -np.inf
     np.testing.assert_array_equal(kept[clear], (logits >= threshold)[clear])
     assert np.all(kept.sum(1) >= 1)
+
+
+def test_first_argmax_equals_numpys_argmax_with_ties():
+  rng = np.random.default_rng(0)
+  x = np.round(rng.standard_normal((50, 37)) * 2) / 2  # many ties, at the maximum too
+  x[rng.random(x.shape) < 0.1] = -np.inf
+  x[3] = -np.inf  # a row of -inf: index 0, as argmax
+  x = x.astype(np.float32)
+  got = np.asarray(jax.jit(lambda a: first_argmax(a, a.max(-1, keepdims=True)))(x))
+  np.testing.assert_array_equal(got, np.argmax(x, -1))
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 300, 1031])  # blocks of 1, 4, 32, 64 tokens; ragged last block

@@ -86,7 +86,7 @@ def sample_tokens(uniform: jax.Array, logits: jax.Array, *, temperature: float, 
   weights = jnp.exp(scaled - top)  # [B, V], unnormalised probabilities
   log_norm = top[:, 0] + jnp.log(jnp.sum(weights, axis=-1))
   if temperature == 0.0:
-    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    tokens = first_argmax(logits, top)
   else:
     if top_k > 0 or top_p < 1.0:
       filtered = scaled
@@ -98,6 +98,18 @@ def sample_tokens(uniform: jax.Array, logits: jax.Array, *, temperature: float, 
     tokens = inverse_cdf_sample(uniform, weights)
   chosen = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
   return tokens, chosen - log_norm
+
+
+def first_argmax(x: jax.Array, row_max: jax.Array) -> jax.Array:
+  """`jnp.argmax(x, -1)` for rows x [B, V] without NaN, given their maxima [B, 1]: the
+  first index holding the maximum, int32 [B].
+
+  XLA:CPU runs argmax as a reduction over (value, index) pairs that it does not
+  vectorise: greedy decode steps of a tiny model took ~125 us against ~97 sampling;
+  a comparison with the known maximum and a min over indices are two plain reductions.
+  """
+  index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  return jnp.min(jnp.where(x == row_max, index, x.shape[-1] - 1), axis=-1)
 
 
 def inverse_cdf_sample(uniform: jax.Array, weights: jax.Array) -> jax.Array:

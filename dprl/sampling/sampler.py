@@ -82,9 +82,8 @@ def prompt_width(n: int, prompt_buckets: Sequence[int] | None = None) -> int:
   return half_step if n <= half_step and half_step >= 16 else power
 
 
-def _sample(state, input_ids, attention_mask, pixel_values, image_grid_thw, key, *,
-            graphdef, cfg: SamplingConfig, mesh: Mesh | None, max_frame_patches: int | None):
-  model: Qwen2_5_VL = nnx.merge(graphdef, state)
+def _sample(model: Qwen2_5_VL, input_ids, attention_mask, pixel_values, image_grid_thw, key, *,
+            cfg: SamplingConfig, mesh: Mesh | None, max_frame_patches: int | None):
   mcfg = model.config
   p, t = input_ids.shape
   g, n = cfg.num_samples, cfg.max_new_tokens
@@ -115,20 +114,25 @@ def _sample(state, input_ids, attention_mask, pixel_values, image_grid_thw, key,
   # the loop were ~10 of a tiny model's ~110 ops a decode step.
   uniforms = constrain(draw_uniforms(key, (n, b)), P(None, "data"))
 
+  # Column writes as dynamic_update_slice, not `.at[:, i].set` (a scatter, which XLA
+  # turns into the same update plus a bounds check: three more ops a step).
+  write = lambda a, col, j: jax.lax.dynamic_update_slice_in_dim(a, col[:, None].astype(a.dtype), j, axis=1)
+
+  def emit(i, logits, done, tokens, logprobs):
+    """Samples column i from logits [B, V]; rows already done get padding."""
+    tok, lp = sample_tokens(uniforms[i], logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    tok = jnp.where(done, cfg.pad_token_id, tok)
+    tokens = write(tokens, tok, i)
+    logprobs = write(logprobs, jnp.where(done, 0.0, lp), i)
+    return tok, done | jnp.isin(tok, eos), tokens, logprobs
+
   def cond(carry):
     i, done = carry[0], carry[5]
-    return (i < n) & ~jnp.all(done)
+    return (i < n - 1) & ~jnp.all(done)
 
   def body(carry):
     i, cache, key_mask, logits, next_pos, done, tokens, logprobs = carry
-    tok, lp = sample_tokens(uniforms[i], logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
-    tok = jnp.where(done, cfg.pad_token_id, tok)
-    # Column writes as dynamic_update_slice, not `.at[:, i].set` (a scatter, which XLA
-    # turns into the same update plus a bounds check: three more ops a step).
-    write = lambda a, col, j: jax.lax.dynamic_update_slice_in_dim(a, col[:, None].astype(a.dtype), j, axis=1)
-    tokens = write(tokens, tok, i)
-    logprobs = write(logprobs, jnp.where(done, 0.0, lp), i)
-    done = done | jnp.isin(tok, eos)
+    tok, done, tokens, logprobs = emit(i, logits, done, tokens, logprobs)
     key_mask = write(key_mask, jnp.ones((b,), jnp.int32), t + i)
     pos = jnp.broadcast_to(next_pos[None, :, None], (3, b, 1))
     step = model(tok[:, None], attention_mask=key_mask, position_ids=pos, cache=cache, cache_index=t + i,
@@ -137,19 +141,30 @@ def _sample(state, input_ids, attention_mask, pixel_values, image_grid_thw, key,
 
   carry = (jnp.int32(0), cache, key_mask, logits, next_pos, jnp.zeros((b,), bool),
            jnp.full((b, n), cfg.pad_token_id, jnp.int32), jnp.zeros((b, n), jnp.float32))
-  carry = jax.lax.while_loop(cond, body, carry)
-  tokens, logprobs = carry[6], carry[7]
+  i, _, _, logits, _, done, tokens, logprobs = jax.lax.while_loop(cond, body, carry)
+  # The last token is drawn after the loop, which so runs no forward pass whose logits go
+  # unused. If every row ended earlier, this writes padding over padding.
+  _, _, tokens, logprobs = emit(i, logits, done, tokens, logprobs)
   is_eos = jnp.isin(tokens, eos)
-  first_eos = jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1) + 1, carry[0])
+  first_eos = jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1) + 1, i + 1)
   lengths = first_eos.astype(jnp.int32)
   mask = (jnp.arange(n)[None, :] < lengths[:, None]).astype(jnp.int32)
   return SampleOutput(tokens, logprobs, lengths, mask)
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(graphdef, cfg: SamplingConfig, mesh: Mesh | None, max_frame_patches: int | None):
-  fn = functools.partial(_sample, graphdef=graphdef, cfg=cfg, mesh=mesh,
-                         max_frame_patches=max_frame_patches)
+def _compiled(cfg: SamplingConfig, mesh: Mesh | None, max_frame_patches: int | None):
+  """`_sample` jitted with the model as its first argument, a pytree (NNX modules are):
+  jit flattens it in ~0.1 ms, where `nnx.split` walks the module graph in ~0.8 (a tiny
+  model; a `generate` call of its benchmark takes ~14 ms). The model's structure is part
+  of jit's cache key, as the graphdef would be."""
+  return jax.jit(functools.partial(_sample, cfg=cfg, mesh=mesh, max_frame_patches=max_frame_patches))
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_from_state(graphdef, cfg: SamplingConfig, mesh: Mesh | None, max_frame_patches: int | None):
+  def fn(state, *args):
+    return _sample(nnx.merge(graphdef, state), *args, cfg=cfg, mesh=mesh, max_frame_patches=max_frame_patches)
   return jax.jit(fn)
 
 
@@ -163,7 +178,7 @@ def jitted(graphdef: nnx.GraphDef, cfg: SamplingConfig, mesh: Mesh | None, max_f
   given), images replicated, T and N bucketed as `generate` buckets them (`prompt_width`,
   `bucket_images`), and `max_frame_patches = frame_patch_bound(image_grid_thw)`.
   """
-  return _compiled(graphdef, cfg, mesh, max_frame_patches)
+  return _compiled_from_state(graphdef, cfg, mesh, max_frame_patches)
 
 
 def bucket_images(pixel_values: np.ndarray, image_grid_thw: np.ndarray, merge_size: int):
@@ -282,7 +297,6 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
     if bucket_prompts:
       pixel_values, image_grid_thw = bucket_images(pixel_values, image_grid_thw, mcfg.vision.spatial_merge_size)
   key = jax.random.key(seed) if isinstance(seed, int) else seed
-  graphdef, state = nnx.split(model)
   # Host arrays: the jitted call transfers them (a jnp conversion first is one more
   # dispatch each), and with several processes host values (the same on every process)
   # place onto devices of other processes too.
@@ -291,5 +305,5 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
     batch_sharding = NamedSharding(mesh, P("data"))
     batch_args = [jax.device_put(a, batch_sharding) for a in batch_args]
   bound = frame_patch_bound(image_grid_thw)
-  out = _compiled(graphdef, cfg, mesh, bound)(state, *batch_args, pixel_values, image_grid_thw, key)
+  out = _compiled(cfg, mesh, bound)(model, *batch_args, pixel_values, image_grid_thw, key)
   return out if rows is None else _rows_of(out, rows, num_samples)
