@@ -169,7 +169,9 @@ def _compiled_from_state(graphdef, cfg: SamplingConfig, mesh: Mesh | None, max_f
 
 
 def jitted(graphdef: nnx.GraphDef, cfg: SamplingConfig, mesh: Mesh | None, max_frame_patches: int | None):
-  """The jitted generation `generate` runs, for ahead-of-time lowering (`dprl.plan`):
+  """The jitted generation `generate` runs, taking the model's split state, for
+  ahead-of-time lowering from abstract shapes (`dprl.plan`; `generate` itself passes
+  the module):
 
       fn(state, input_ids [P, T], attention_mask [P, T], pixel_values [N, D] | None,
          image_grid_thw [I, 3] | None, key) -> SampleOutput
