@@ -257,7 +257,7 @@ def cpu_demo(c: ml_collections.ConfigDict) -> None:
   c.eval.num_items = 500
   c.eval.batch_size = 100
   # Greedy accuracy lags: RL first sharpens the sampled distribution toward the greedy
-  # answer. Measured with these settings (README, 300 steps, ~7.2 min on 2 cores), four
+  # answer. Measured with these settings (README, 300 steps, ~7 min on 2 cores), four
   # runs: greedy 52.4% -> 52.3-57.5%, sampled (T = 1, 4 per item) 42.4% -> 49.6-53.7%.
   c.eval.sampled_num_samples = 4
   c.checkpoint.every = 50
