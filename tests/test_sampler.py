@@ -25,10 +25,15 @@ def hf_model():
 
 
 @pytest.fixture(scope="module")
-def model(hf_model, tmp_path_factory):
+def checkpoint(hf_model, tmp_path_factory):
   path = str(tmp_path_factory.mktemp("tiny_hf"))
   hf_model.save_pretrained(path)
-  return qwen2_5_vl.from_pretrained(path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+  return qwen2_5_vl.from_pretrained(checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +109,27 @@ def test_logprobs_equal_transformers_teacher_forced(model, hf_model, batch, num_
   valid = m.astype(bool)
   np.testing.assert_allclose(lp[valid], ref[valid], atol=1e-4)
   assert np.all(lp[~valid] == 0)
+
+
+def test_bfloat16_logprobs_within_stated_tolerance(checkpoint, hf_model, batch):
+  """The bf16 path (weights, decode weights and KV cache in bf16) against float32
+  transformers, teacher-forced on the tokens it sampled: no worse than 2x transformers'
+  own bf16 error plus 0.02, as the bf16 forward test states it."""
+  ids, mask, pv, thw = batch
+  model16 = qwen2_5_vl.from_pretrained(checkpoint, dtype=jnp.bfloat16)
+  for seed in range(50):  # a draw without vision placeholder ids, as above
+    out = generate(model16, ids, mask, pv, thw, max_new_tokens=10, temperature=1.0, seed=seed, eos_token_id=3)
+    tokens, lp, m = (np.asarray(x) for x in (out.tokens, out.logprobs, out.mask))
+    if not np.isin(tokens, [288, 289, 290, 291]).any():
+      break
+  assert lp.dtype == np.float32 and np.isfinite(lp).all()
+  from transformers import Qwen2_5_VLForConditionalGeneration
+  hf16 = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
+  ref32 = _hf_teacher_forced_logprobs(hf_model, ids, mask, pv, thw, tokens, m, 1)
+  ref16 = _hf_teacher_forced_logprobs(hf16, ids, mask, pv, thw, tokens, m, 1)
+  valid = m.astype(bool)
+  err_ours, err_hf = np.abs(lp - ref32)[valid].max(), np.abs(ref16 - ref32)[valid].max()
+  assert err_ours <= 2 * err_hf + 0.02, (err_ours, err_hf)
 
 
 def test_prompt_width_keeps_the_pipelines_buckets_else_powers_of_two_and_half_steps():
