@@ -104,7 +104,7 @@ def _sample(model: Qwen2_5_VL, input_ids, attention_mask, pixel_values, image_gr
   key_mask = jnp.concatenate([rep(prompt_mask), jnp.zeros((b, n), jnp.int32)], axis=1)
   key_mask = constrain(key_mask, P("data", None))
   logits = rep(out.logits[:, -1])
-  next_pos = rep(prompt_mask.sum(1) + out.rope_deltas)
+  first_pos = rep(prompt_mask.sum(1) + out.rope_deltas)  # [B*G], the first new token's position
   eos = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
   # Sliced out of the stacked weights and fused once, outside the loop (SamplingConfig.unstack_layers).
   decode_weights = model.model.decode_weights(mcfg.dtype) if cfg.unstack_layers else None
@@ -127,21 +127,21 @@ def _sample(model: Qwen2_5_VL, input_ids, attention_mask, pixel_values, image_gr
     return tok, done | jnp.isin(tok, eos), tokens, logprobs
 
   def cond(carry):
-    i, done = carry[0], carry[5]
+    i, done = carry[0], carry[4]
     return (i < n - 1) & ~jnp.all(done)
 
   def body(carry):
-    i, cache, key_mask, logits, next_pos, done, tokens, logprobs = carry
+    i, cache, key_mask, logits, done, tokens, logprobs = carry
     tok, done, tokens, logprobs = emit(i, logits, done, tokens, logprobs)
     key_mask = write(key_mask, jnp.ones((b,), jnp.int32), t + i)
-    pos = jnp.broadcast_to(next_pos[None, :, None], (3, b, 1))
+    pos = jnp.broadcast_to((first_pos + i)[None, :, None], (3, b, 1))
     step = model(tok[:, None], attention_mask=key_mask, position_ids=pos, cache=cache, cache_index=t + i,
                  decode_weights=decode_weights, head=head)
-    return (i + 1, step.cache, key_mask, step.logits[:, -1], next_pos + 1, done, tokens, logprobs)
+    return (i + 1, step.cache, key_mask, step.logits[:, -1], done, tokens, logprobs)
 
-  carry = (jnp.int32(0), cache, key_mask, logits, next_pos, jnp.zeros((b,), bool),
+  carry = (jnp.int32(0), cache, key_mask, logits, jnp.zeros((b,), bool),
            jnp.full((b, n), cfg.pad_token_id, jnp.int32), jnp.zeros((b, n), jnp.float32))
-  i, _, _, logits, _, done, tokens, logprobs = jax.lax.while_loop(cond, body, carry)
+  i, _, _, logits, done, tokens, logprobs = jax.lax.while_loop(cond, body, carry)
   # The last token is drawn after the loop, which so runs no forward pass whose logits go
   # unused. If every row ended earlier, this writes padding over padding.
   _, _, tokens, logprobs = emit(i, logits, done, tokens, logprobs)
