@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from transformers import Qwen2_5_VLForConditionalGeneration
 
 from dprl.models import qwen2_5_vl
 from dprl.parallel.mesh import make_mesh
@@ -123,7 +124,6 @@ def test_bfloat16_logprobs_within_stated_tolerance(checkpoint, hf_model, batch):
     if not np.isin(tokens, [288, 289, 290, 291]).any():
       break
   assert lp.dtype == np.float32 and np.isfinite(lp).all()
-  from transformers import Qwen2_5_VLForConditionalGeneration
   hf16 = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
   ref32 = _hf_teacher_forced_logprobs(hf_model, ids, mask, pv, thw, tokens, m, 1)
   ref16 = _hf_teacher_forced_logprobs(hf16, ids, mask, pv, thw, tokens, m, 1)

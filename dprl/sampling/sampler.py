@@ -155,8 +155,8 @@ def _sample(model: Qwen2_5_VL, input_ids, attention_mask, pixel_values, image_gr
 @functools.lru_cache(maxsize=32)
 def _compiled(cfg: SamplingConfig, mesh: Mesh | None, max_frame_patches: int | None):
   """`_sample` jitted with the model as its first argument, a pytree (NNX modules are):
-  jit flattens it in ~0.1 ms, where `nnx.split` walks the module graph in ~0.8 (a tiny
-  model; a `generate` call of its benchmark takes ~14 ms). The model's structure is part
+  jit flattens it in ~0.1 ms, where `nnx.split` walks the module graph in ~0.8 (the
+  tiny benchmark model, whose whole `generate` call now takes ~13 ms). The model's structure is part
   of jit's cache key, as the graphdef would be."""
   return jax.jit(functools.partial(_sample, cfg=cfg, mesh=mesh, max_frame_patches=max_frame_patches))
 
